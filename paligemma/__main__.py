@@ -1,0 +1,5 @@
+"""`python -m paligemma`: see `paligemma.cli`."""
+
+from .cli import main
+
+raise SystemExit(main())

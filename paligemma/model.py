@@ -1,0 +1,225 @@
+"""PaliGemma: SigLIP's patch features, projected into Gemma's embedding space, take the places of the `<image>` tokens.
+
+    image -> SigLIP -> linear projector ─┐
+                                         ├─> [img_1 … img_N, <bos>, prompt…, \\n | suffix…] -> Gemma -> logits
+    text  -> token embeddings * sqrt(d) ─┘
+
+The prefix (image, `<bos>`, prompt, `\\n`) attends to itself in both directions; the suffix (the answer) is causal.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import additive_mask
+from .config import PaliGemmaConfig
+from .errors import PaliGemmaError
+from .gemma import GemmaLanguageModel
+from .kv_cache import KVCache
+from .siglip import SiglipVisionModel
+
+
+@dataclass
+class PaliGemmaOutput:
+    """What the forward pass returns; readable as `out.logits` or `out["logits"]`."""
+
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+    kv_cache: KVCache | None = None
+    image_features: torch.Tensor | None = None
+    vision_attentions: list[torch.Tensor] | None = None
+    text_attentions: list[torch.Tensor] | None = None
+
+    def __getitem__(self, key: str) -> Any:
+        return getattr(self, key)
+
+    def __contains__(self, key: str) -> bool:
+        return getattr(self, key, None) is not None
+
+
+class PaliGemmaMultiModalProjector(nn.Module):
+    """One linear layer from SigLIP's width to Gemma's."""
+
+    def __init__(self, config: PaliGemmaConfig) -> None:
+        super().__init__()
+        self.linear = nn.Linear(config.vision_config.hidden_size, config.projection_dim)
+
+    def forward(self, image_features: torch.Tensor) -> torch.Tensor:
+        return self.linear(image_features)
+
+
+def prefix_lm_mask(
+    attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None, past_length: int = 0
+) -> torch.Tensor:
+    """Which positions each new token may attend to: bool [b, 1, new, past + new].
+
+    attention_mask [b, past + new]: 1 for real tokens, 0 for padding, which nobody attends to.
+    token_type_ids [b, new]: 0 for the prefix, whose tokens all see one another, 1 for the suffix, which is causal.
+    They only apply to a first pass (past_length 0); tokens decoded later are suffix tokens.
+    """
+    batch, total = attention_mask.shape
+    new = total - past_length
+    device = attention_mask.device
+    query_pos = torch.arange(past_length, total, device=device)[:, None]  # [new, 1]
+    key_pos = torch.arange(total, device=device)[None, :]  # [1, total]
+    allowed = (key_pos <= query_pos)[None].expand(batch, new, total)  # causal: [b, new, total]
+    if token_type_ids is not None and past_length == 0:
+        prefix = token_type_ids == 0  # [b, new]
+        allowed = allowed | (prefix[:, :, None] & prefix[:, None, :])  # prefix tokens see the whole prefix
+    allowed = allowed & attention_mask.bool()[:, None, :]  # never attend to padding
+    return allowed[:, None]  # [b, 1, new, total], broadcast over heads
+
+
+class PaliGemmaForConditionalGeneration(nn.Module):
+    """The whole model: `model(**processor(...))` gives logits, and a loss when the batch has labels."""
+
+    def __init__(self, config: PaliGemmaConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.vision_tower = SiglipVisionModel(config.vision_config)
+        self.multi_modal_projector = PaliGemmaMultiModalProjector(config)
+        self.language_model = GemmaLanguageModel(config.text_config)
+
+    @property
+    def device(self) -> torch.device:
+        return self.multi_modal_projector.linear.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.multi_modal_projector.linear.weight.dtype
+
+    def set_attention_implementation(self, implementation: str) -> None:
+        """'sdpa' (fused, the default) or 'eager' (the softmax spelled out)."""
+        if implementation not in ("sdpa", "eager"):
+            raise PaliGemmaError(f"unknown attention implementation {implementation!r}: use 'sdpa' or 'eager'")
+        for module in self.modules():
+            if hasattr(module, "implementation"):
+                module.implementation = implementation
+
+    def get_image_features(
+        self, pixel_values: torch.Tensor, return_attentions: bool = False
+    ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+        """pixels [b, 3, H, W] -> image tokens in Gemma's space [b, num_patches, text hidden]."""
+        expected = (self.config.vision_config.num_channels, self.config.vision_config.image_size)
+        if pixel_values.dim() != 4 or pixel_values.shape[1] != expected[0] or pixel_values.shape[2:] != (expected[1],) * 2:
+            raise PaliGemmaError(
+                f"pixel_values must have shape [batch, {expected[0]}, {expected[1]}, {expected[1]}], "
+                f"got {list(pixel_values.shape)}"
+            )
+        if return_attentions:
+            features, attentions = self.vision_tower(pixel_values.to(self.dtype), return_attentions=True)
+        else:
+            features, attentions = self.vision_tower(pixel_values.to(self.dtype)), None
+        return self.multi_modal_projector(features), attentions
+
+    def embed_inputs(self, input_ids: torch.Tensor, image_features: torch.Tensor | None) -> torch.Tensor:
+        """Token embeddings with the image features written, unscaled and in order, over the `<image>` positions."""
+        image_positions = input_ids == self.config.image_token_index  # [b, s]
+        token_ids = input_ids
+        if not self.config.image_token_in_vocab:  # PaliGemma 2: the id has no row; embed pad, overwritten below
+            token_ids = input_ids.masked_fill(image_positions, self.config.text_config.pad_token_id)
+        embeds = self.language_model.embed(token_ids)  # [b, s, d]
+        if image_features is None:
+            if image_positions.any():
+                raise PaliGemmaError("input_ids contain <image> tokens but no pixel_values were given")
+            return embeds
+        per_row = image_positions.sum(-1)  # [b]
+        if not bool((per_row == image_features.shape[1]).all()):
+            raise PaliGemmaError(
+                f"each sequence needs {image_features.shape[1]} <image> tokens, one per patch; "
+                f"found {per_row.tolist()}"
+            )
+        embeds = embeds.clone()
+        embeds[image_positions] = image_features.reshape(-1, image_features.shape[-1]).to(embeds.dtype)
+        return embeds
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        logits_to_keep: int = 0,
+        return_attentions: bool = False,
+        **unused: Any,
+    ) -> PaliGemmaOutput:
+        """Run the model on a batch from the processor.
+
+        attention_mask covers the cached positions too ([b, past + new]); position_ids default to the count of
+        real tokens so far, so the first real token sits at 1 whatever the left padding. token_type_ids default
+        to all prefix. With labels (-100 where no loss is wanted), the loss is the mean cross-entropy of
+        predicting each labelled token from the one before it. logits_to_keep > 0 keeps only the last positions.
+        """
+        past_length = kv_cache.get_seq_length() if kv_cache is not None else 0
+        batch, length = input_ids.shape
+        if attention_mask is None:
+            attention_mask = torch.ones(batch, past_length + length, dtype=torch.long, device=input_ids.device)
+        if attention_mask.shape != (batch, past_length + length):
+            raise PaliGemmaError(
+                f"attention_mask must cover cached and new tokens, shape [{batch}, {past_length + length}], "
+                f"got {list(attention_mask.shape)}"
+            )
+        if position_ids is None:
+            position_ids = attention_mask.long().cumsum(-1)[:, past_length:]  # [b, new]
+        if token_type_ids is None and past_length == 0:
+            token_type_ids = torch.zeros_like(input_ids)
+        if past_length + length > self.config.text_config.max_position_embeddings:
+            raise PaliGemmaError(
+                f"sequence of {past_length + length} tokens exceeds the model's context of "
+                f"{self.config.text_config.max_position_embeddings}"
+            )
+
+        image_features, vision_attentions = (None, None)
+        if pixel_values is not None:
+            image_features, vision_attentions = self.get_image_features(pixel_values, return_attentions)
+        embeds = self.embed_inputs(input_ids, image_features)
+        mask = additive_mask(prefix_lm_mask(attention_mask, token_type_ids, past_length), embeds.dtype)
+        hidden, text_attentions = self.language_model(embeds, position_ids, mask, kv_cache, return_attentions)
+        if logits_to_keep > 0:
+            hidden = hidden[:, -logits_to_keep:]
+        logits = self.language_model.logits(hidden)
+
+        loss = None
+        if labels is not None:
+            # Position t predicts token t + 1: drop the last prediction and the first label.
+            loss = F.cross_entropy(
+                logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                labels[:, 1:].reshape(-1).to(logits.device),
+                ignore_index=-100,
+            )
+        return PaliGemmaOutput(
+            logits=logits,
+            loss=loss,
+            kv_cache=kv_cache,
+            image_features=image_features,
+            vision_attentions=vision_attentions if return_attentions else None,
+            text_attentions=text_attentions if return_attentions else None,
+        )
+
+    def num_parameters(self) -> int:
+        """Parameters counted once each (the tied output head shares the embedding table)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def save_pretrained(self, directory: str | Path, max_shard_size: int | str = "5GB") -> None:
+        """Write config.json and safetensors weights in the Hugging Face layout."""
+        from .checkpoint import save_pretrained
+
+        save_pretrained(self, directory, max_shard_size=max_shard_size)
+
+    @classmethod
+    def from_pretrained(
+        cls, directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None
+    ) -> "PaliGemmaForConditionalGeneration":
+        """Load the weights of a Hugging Face PaliGemma folder (no tokenizer needed)."""
+        from .checkpoint import load_model
+
+        return load_model(directory, device=device, dtype=dtype)
