@@ -3,7 +3,7 @@
 The real Gemma tokenizer cannot be downloaded here, so the project trains small ones of the same kind:
 BPE with byte fallback, no normalisation, no dummy prefix, digits split, `\\n` a piece of its own, and
 
-    0 <pad>   1 <eos>   2 <bos>   3 <unk>   then <image> (optional), <loc0000>…<loc1023>, <seg000>…<seg127>
+    0 <pad>   1 <eos>   2 <bos>   3 <unk>   4 <mask>   then <image> (optional), <loc0000>…<loc1023>, <seg000>…<seg127>
 
 followed by the learned pieces.
 """
@@ -24,7 +24,7 @@ def train_tokenizer(
     """Train on `sentences` and write a sentencepiece model to `output` (e.g. `tokenizer.model`)."""
     import sentencepiece as spm
 
-    symbols = (["<image>"] if include_image_token else []) + LOC_TOKENS + SEG_TOKENS + ["\n"]
+    symbols = ["<mask>"] + (["<image>"] if include_image_token else []) + LOC_TOKENS + SEG_TOKENS + ["\n"]
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(list(sentences)),

@@ -43,7 +43,7 @@ def corpus(seed: int = 0, lines: int = 4000) -> list[str]:
 
 
 def tiny_config_dict(
-    image_size: int = 56, num_key_value_heads: int = 1, num_attention_heads: int = 4, image_token_index: int = 4
+    image_size: int = 56, num_key_value_heads: int = 1, num_attention_heads: int = 4, image_token_index: int = 5
 ) -> dict:
     """A PaliGemma config small enough for CPU tests, in transformers' keyword layout."""
     return dict(
@@ -71,7 +71,8 @@ def random_reference_model(config_dict: dict, seed: int = 0, attn: str = "eager"
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            scale = 0.5 if param.dim() == 1 else 0.2
+            fan_in = param[0].numel() if param.dim() > 1 else 1
+            scale = 0.3 if param.dim() == 1 else fan_in**-0.5  # activations of order one throughout
             param.copy_(torch.randn(param.shape, generator=generator) * scale)
     return model
 
@@ -83,7 +84,7 @@ def workdir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tokenizer_file(workdir) -> Path:
-    """A tokenizer with an `<image>` piece (id 4)."""
+    """A tokenizer with an `<image>` piece (id 5, after `<mask>` at 4 as in Gemma's)."""
     return train_tokenizer(corpus(), workdir / "tokenizer" / "tokenizer.model", vocab_size=TOKENIZER_VOCAB)
 
 

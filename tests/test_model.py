@@ -1,0 +1,182 @@
+"""The whole model against transformers: logits, loss, the KV cache, and the full-size architecture."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from conftest import random_image
+from paligemma import DynamicCache, PaliGemmaConfig, PaliGemmaForConditionalGeneration, StaticCache, load_pretrained
+from paligemma.checkpoint import to_library_name
+
+TOL = dict(atol=1e-5, rtol=1e-5)
+PROMPTS = ["caption en", "answer en what color is the big circle on the left?"]
+
+
+def reference_logits(ref, batch, labels=None):
+    """transformers' forward on our batch, with our position ids (first real token at 1) and token types."""
+    with torch.no_grad():
+        out = ref(
+            input_ids=batch["input_ids"],
+            pixel_values=batch["pixel_values"],
+            attention_mask=batch["attention_mask"],
+            token_type_ids=batch["token_type_ids"],
+            position_ids=batch["attention_mask"].cumsum(-1),
+            labels=labels,
+        )
+    return out
+
+
+@pytest.fixture(scope="module", params=["mqa", "gqa"])
+def checkpoint(request):
+    return request.getfixturevalue(f"{request.param}_checkpoint")
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_logits_single_prompt(checkpoint, implementation):
+    directory, ref = checkpoint
+    model, processor = load_pretrained(directory)
+    model.set_attention_implementation(implementation)
+    batch = processor(text=["caption en"], images=[random_image(0)])
+    with torch.no_grad():
+        ours = model(**batch).logits
+    assert_close(ours, reference_logits(ref, batch).logits, **TOL)
+
+
+def test_logits_padded_batch(checkpoint):
+    directory, ref = checkpoint
+    model, processor = load_pretrained(directory)
+    batch = processor(text=PROMPTS, images=[random_image(1), random_image(2, 64, 64)])
+    assert (batch["attention_mask"][0] == 0).any(), "the shorter prompt must be left padded"
+    with torch.no_grad():
+        ours = model(**batch).logits
+    expected = reference_logits(ref, batch).logits
+    real = batch["attention_mask"].bool()
+    assert_close(ours[real], expected[real], **TOL)
+
+
+def test_loss_with_suffixes(checkpoint):
+    directory, ref = checkpoint
+    model, processor = load_pretrained(directory)
+    batch = processor(text=PROMPTS, images=[random_image(3), random_image(4)], suffix=["a red circle", "red"])
+    with torch.no_grad():
+        ours = model(**batch)
+    expected = reference_logits(ref, batch, labels=batch["labels"])
+    real = batch["attention_mask"].bool()
+    assert_close(ours.logits[real], expected.logits[real], **TOL)
+    assert_close(ours.loss, expected.loss, **TOL)
+    # Only the suffix is learned: changing the prompt's labels to anything else changes nothing.
+    assert (batch["labels"][batch["token_type_ids"] == 0] == -100).all()
+
+
+@pytest.mark.parametrize("cache_kind", ["dynamic", "static"])
+def test_kv_cache_decoding_equals_recomputation(mqa_checkpoint, cache_kind):
+    directory, _ = mqa_checkpoint
+    model, processor = load_pretrained(directory)
+    # Run the prompts once, then feed answer tokens one at a time, as generation does.
+    prompt = processor(text=PROMPTS, images=[random_image(5), random_image(6)])
+    suffix_ids = [processor.tokenizer.encode(s) for s in ["red circle", "two small cats"]]
+    steps = min(len(ids) for ids in suffix_ids)
+    new_tokens = torch.tensor([ids[:steps] for ids in suffix_ids])  # [b, steps]
+    config = model.config.text_config
+    if cache_kind == "dynamic":
+        cache = DynamicCache()
+    else:
+        cache = StaticCache(config.num_hidden_layers, 2, config.num_key_value_heads, config.head_dim,
+                            prompt["input_ids"].shape[1] + steps)
+    with torch.no_grad():
+        out = model(**prompt, kv_cache=cache)
+        cached_logits = [out.logits[:, -1]]
+        mask = prompt["attention_mask"]
+        for step in range(steps - 1):
+            mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], dim=-1)
+            out = model(new_tokens[:, step : step + 1], attention_mask=mask, kv_cache=cache)
+            cached_logits.append(out.logits[:, -1])
+        # The same sequence in one pass, without a cache: prompt then the suffix tokens, causal.
+        input_ids = torch.cat([prompt["input_ids"], new_tokens[:, :-1]], dim=-1)
+        token_types = torch.cat([prompt["token_type_ids"], torch.ones_like(new_tokens[:, :-1])], dim=-1)
+        attention_mask = torch.cat([prompt["attention_mask"], torch.ones_like(new_tokens[:, :-1])], dim=-1)
+        recomputed = model(
+            input_ids, pixel_values=prompt["pixel_values"], attention_mask=attention_mask, token_type_ids=token_types
+        ).logits
+    length = prompt["input_ids"].shape[1]
+    assert_close(torch.stack(cached_logits, dim=1), recomputed[:, length - 1 :], **TOL)
+    assert cache.get_seq_length() == length + steps - 1
+
+
+def test_image_token_outside_embedding_table_is_embedded_as_pad(mqa_checkpoint):
+    """PaliGemma 2 puts <image> past the table; the reference embeds pad there before overwriting it."""
+    from conftest import TEXT_VOCAB
+
+    directory, _ = mqa_checkpoint
+    model, _ = load_pretrained(directory)
+    model.config.image_token_index = TEXT_VOCAB + 10
+    try:
+        ids = torch.tensor([[TEXT_VOCAB + 10] * 16 + [2, 5, 6]])
+        features = torch.randn(1, 16, 64)
+        embeds = model.embed_inputs(ids, features)
+        assert_close(embeds[0, :16], features[0], atol=0, rtol=0)
+        assert_close(embeds[0, 16:], model.language_model.embed(ids[:, 16:])[0], atol=0, rtol=0)
+    finally:
+        model.config.image_token_index = 5
+
+
+def real_paligemma_3b_224() -> dict:
+    """The sparse config.json of google/paligemma-3b-pt-224, as published (older field names included)."""
+    return {
+        "_name_or_path": "final_hf_model",
+        "architectures": ["PaliGemmaForConditionalGeneration"],
+        "bos_token_id": 2,
+        "eos_token_id": 1,
+        "hidden_size": 2048,
+        "ignore_index": -100,
+        "image_token_index": 257152,
+        "model_type": "paligemma",
+        "pad_token_id": 0,
+        "projection_dim": 2048,
+        "text_config": {
+            "hidden_activation": "gelu_pytorch_tanh",
+            "hidden_size": 2048,
+            "intermediate_size": 16384,
+            "model_type": "gemma",
+            "num_attention_heads": 8,
+            "num_hidden_layers": 18,
+            "num_image_tokens": 256,
+            "num_key_value_heads": 1,
+            "torch_dtype": "float32",
+            "vocab_size": 257216,
+        },
+        "torch_dtype": "float32",
+        "transformers_version": "4.41.0.dev0",
+        "vision_config": {
+            "hidden_size": 1152,
+            "intermediate_size": 4304,
+            "model_type": "siglip_vision_model",
+            "num_attention_heads": 16,
+            "num_hidden_layers": 27,
+            "num_image_tokens": 256,
+            "patch_size": 14,
+            "projection_dim": 2048,
+            "projector_hidden_act": "gelu_fast",
+            "vision_use_head": False,
+        },
+    }
+
+
+def test_full_size_architecture_matches_reference():
+    from transformers import PaliGemmaConfig as ReferenceConfig
+    from transformers import PaliGemmaForConditionalGeneration as Reference
+
+    values = real_paligemma_3b_224()
+    with torch.device("meta"):
+        ours = PaliGemmaForConditionalGeneration(PaliGemmaConfig.from_dict(values))
+        ref = Reference(ReferenceConfig(**values))
+    assert ours.num_parameters() == 2_923_466_480
+    assert sum(p.numel() for p in ref.parameters()) == 2_923_466_480
+    ours_shapes = {name: tuple(t.shape) for name, t in ours.state_dict().items()}
+    ref_shapes = {
+        to_library_name(name): tuple(t.shape) for name, t in ref.state_dict().items() if name != "lm_head.weight"
+    }
+    assert ours_shapes == ref_shapes
+    assert ours.config.num_image_tokens == 256
