@@ -217,7 +217,9 @@ class PaliGemmaProcessor:
                 answer = self.tokenizer.encode(suffixes[i]) + [self.tokenizer.eos_id]
                 ids, kinds = ids + answer, kinds + [1] * len(answer)
             if len(ids) > self.max_length:
-                raise PaliGemmaError(f"prompt {i} is {len(ids)} tokens long; the model's context is {self.max_length}")
+                raise PaliGemmaError(
+                    f"prompt {i} is {len(ids)} tokens long, which exceeds the model's context of {self.max_length}"
+                )
             sequences.append(ids)
             types.append(kinds)
 
