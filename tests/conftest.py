@@ -141,3 +141,27 @@ def random_image(seed: int, width: int = 40, height: int = 30, mode: str = "RGB"
     channels = {"RGB": 3, "RGBA": 4, "L": 1, "CMYK": 4}[mode]
     array = rng.randint(0, 256, (height, width, channels), dtype=np.uint8)
     return Image.frombytes(mode, (width, height), array.tobytes())
+
+
+# The largest difference each numeric check saw (against transformers, or cached against uncached), printed at the end.
+MEASURED: dict[str, float] = {}
+
+
+def assert_matches(actual: torch.Tensor, expected: torch.Tensor, atol: float = 1e-5, rtol: float = 1e-5) -> None:
+    """`assert_close`, also recording max |actual - expected| under the current test's name."""
+    import os
+
+    from torch.testing import assert_close
+
+    test = os.environ.get("PYTEST_CURRENT_TEST", "?").rsplit(" (", 1)[0].split("::", 1)[-1]
+    diff = (actual.detach().double() - expected.detach().double()).abs().max().item() if actual.numel() else 0.0
+    MEASURED[test] = max(MEASURED.get(test, 0.0), diff)
+    assert_close(actual, expected, atol=atol, rtol=rtol)
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if not MEASURED:
+        return
+    terminalreporter.section("largest |difference| per numeric check (float32)")
+    for name, diff in sorted(MEASURED.items()):
+        terminalreporter.write_line(f"{diff:10.3e}  {name}")

@@ -8,9 +8,9 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from torch.testing import assert_close
 
-from conftest import random_image, tiny_config_dict, write_reference_checkpoint
+
+from conftest import assert_matches, random_image, tiny_config_dict, write_reference_checkpoint
 from paligemma import PaliGemmaConfig, PaliGemmaError, load_model, load_pretrained
 from paligemma.checkpoint import to_disk_name, to_library_name
 from test_model import real_paligemma_3b_224, reference_logits
@@ -44,7 +44,7 @@ def test_our_checkpoint_loads_in_transformers(mqa_checkpoint, tmp_path):
     reloaded = Reference.from_pretrained(tmp_path / "ours", attn_implementation="eager").eval()
     ours_logits, batch = logits_of(model, processor)
     real = batch["attention_mask"].bool()
-    assert_close(reference_logits(reloaded, batch).logits[real], ours_logits[real], **TOL)
+    assert_matches(reference_logits(reloaded, batch).logits[real], ours_logits[real], **TOL)
     # and back again: our own loader reads what we wrote, bit for bit
     again = load_model(tmp_path / "ours")
     for name, tensor in model.state_dict().items():
@@ -62,13 +62,13 @@ def test_sharded_checkpoints_both_ways(workdir, tokenizer_file, tmp_path):
     model, processor = load_pretrained(directory)
     ours_logits, batch = logits_of(model, processor, seed=4)
     real = batch["attention_mask"].bool()
-    assert_close(ours_logits[real], reference_logits(ref, batch).logits[real], **TOL)
+    assert_matches(ours_logits[real], reference_logits(ref, batch).logits[real], **TOL)
 
     model.save_pretrained(tmp_path / "ours", max_shard_size="50KB")
     index = json.loads((tmp_path / "ours" / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 2
     reloaded = Reference.from_pretrained(tmp_path / "ours", attn_implementation="eager").eval()
-    assert_close(reference_logits(reloaded, batch).logits[real], ours_logits[real], **TOL)
+    assert_matches(reference_logits(reloaded, batch).logits[real], ours_logits[real], **TOL)
 
 
 def rewrite_keys(source, target, rename, extra=None):
@@ -92,7 +92,7 @@ def test_other_key_layouts(mqa_checkpoint, tmp_path, layout, rename):
     rewrite_keys(directory, tmp_path / "ckpt", rename)
     model, processor = load_pretrained(tmp_path / "ckpt")
     expected, batch = logits_of(load_model(directory), processor)
-    assert_close(model(**batch).logits, expected, atol=0, rtol=0)
+    assert_matches(model(**batch).logits, expected, atol=0, rtol=0)
 
 
 def test_lm_head_present_is_accepted(mqa_checkpoint, tmp_path):
@@ -157,7 +157,7 @@ def test_sparse_tiny_config_file_loads_in_both(mqa_checkpoint, tmp_path):
     reference = Reference.from_pretrained(tmp_path / "ckpt", attn_implementation="eager").eval()
     ours_logits, batch = logits_of(model, processor)
     real = batch["attention_mask"].bool()
-    assert_close(ours_logits[real], reference_logits(reference, batch).logits[real], **TOL)
+    assert_matches(ours_logits[real], reference_logits(reference, batch).logits[real], **TOL)
 
 
 @pytest.mark.parametrize("dtype, expected", [("bf16", torch.bfloat16), ("fp16", torch.float16),

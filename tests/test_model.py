@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.testing import assert_close
 
-from conftest import random_image
+
+from conftest import assert_matches, random_image
 from paligemma import DynamicCache, PaliGemmaConfig, PaliGemmaForConditionalGeneration, StaticCache, load_pretrained
 from paligemma.checkpoint import to_library_name
 
@@ -41,7 +41,7 @@ def test_logits_single_prompt(checkpoint, implementation):
     batch = processor(text=["caption en"], images=[random_image(0)])
     with torch.no_grad():
         ours = model(**batch).logits
-    assert_close(ours, reference_logits(ref, batch).logits, **TOL)
+    assert_matches(ours, reference_logits(ref, batch).logits, **TOL)
 
 
 def test_logits_padded_batch(checkpoint):
@@ -53,7 +53,7 @@ def test_logits_padded_batch(checkpoint):
         ours = model(**batch).logits
     expected = reference_logits(ref, batch).logits
     real = batch["attention_mask"].bool()
-    assert_close(ours[real], expected[real], **TOL)
+    assert_matches(ours[real], expected[real], **TOL)
 
 
 def test_loss_with_suffixes(checkpoint):
@@ -64,8 +64,8 @@ def test_loss_with_suffixes(checkpoint):
         ours = model(**batch)
     expected = reference_logits(ref, batch, labels=batch["labels"])
     real = batch["attention_mask"].bool()
-    assert_close(ours.logits[real], expected.logits[real], **TOL)
-    assert_close(ours.loss, expected.loss, **TOL)
+    assert_matches(ours.logits[real], expected.logits[real], **TOL)
+    assert_matches(ours.loss, expected.loss, **TOL)
     # Only the suffix is learned: changing the prompt's labels to anything else changes nothing.
     assert (batch["labels"][batch["token_type_ids"] == 0] == -100).all()
 
@@ -101,7 +101,7 @@ def test_kv_cache_decoding_equals_recomputation(mqa_checkpoint, cache_kind):
             input_ids, pixel_values=prompt["pixel_values"], attention_mask=attention_mask, token_type_ids=token_types
         ).logits
     length = prompt["input_ids"].shape[1]
-    assert_close(torch.stack(cached_logits, dim=1), recomputed[:, length - 1 :], **TOL)
+    assert_matches(torch.stack(cached_logits, dim=1), recomputed[:, length - 1 :], **TOL)
     assert cache.get_seq_length() == length + steps - 1
 
 
@@ -116,8 +116,8 @@ def test_image_token_outside_embedding_table_is_embedded_as_pad(mqa_checkpoint):
         ids = torch.tensor([[TEXT_VOCAB + 10] * 16 + [2, 5, 6]])
         features = torch.randn(1, 16, 64)
         embeds = model.embed_inputs(ids, features)
-        assert_close(embeds[0, :16], features[0], atol=0, rtol=0)
-        assert_close(embeds[0, 16:], model.language_model.embed(ids[:, 16:])[0], atol=0, rtol=0)
+        assert_matches(embeds[0, :16], features[0], atol=0, rtol=0)
+        assert_matches(embeds[0, 16:], model.language_model.embed(ids[:, 16:])[0], atol=0, rtol=0)
     finally:
         model.config.image_token_index = 5
 
