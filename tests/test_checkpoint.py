@@ -241,3 +241,59 @@ def test_missing_folder_and_bad_options(mqa_checkpoint, tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(PaliGemmaError, match="CUDA is not available"):
             load_pretrained(directory, device="cuda")
+
+
+MEMORY_PROBE = r"""
+import sys, threading, time
+import torch
+from paligemma import PaliGemmaConfig, PaliGemmaForConditionalGeneration, load_model
+
+def anonymous_bytes():
+    for line in open("/proc/self/status"):
+        if line.startswith("RssAnon"):
+            return int(line.split()[1]) * 1024
+
+peak, done = [0], [False]
+def watch():
+    while not done[0]:
+        peak[0] = max(peak[0], anonymous_bytes())
+        time.sleep(0.001)
+
+# Warm up what torch allocates once per process (meta model, a dtype conversion), so only loading is measured.
+with torch.device("meta"):
+    PaliGemmaForConditionalGeneration(PaliGemmaConfig.from_json_file(sys.argv[1] + "/config.json"))
+torch.ones(1000, 1000).to(torch.bfloat16)
+base = anonymous_bytes()
+watcher = threading.Thread(target=watch)
+watcher.start()
+model = load_model(sys.argv[1], dtype="bf16")
+done[0] = True
+watcher.join()
+size = sum(p.numel() * p.element_size() for p in model.parameters())
+largest = max(p.numel() for p in model.parameters()) * 4
+print(peak[0] - base, size, largest)
+"""
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/status"), reason="reads /proc (Linux)")
+def test_bf16_loading_never_holds_a_float32_copy(tmp_path):
+    """Tensors are converted one at a time from the memory-mapped file: the peak is the bf16 model plus one tensor."""
+    import subprocess
+    import sys
+
+    from paligemma import PaliGemmaForConditionalGeneration
+
+    config = PaliGemmaConfig(
+        vision_config=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
+                           image_size=112, patch_size=14),
+        text_config=dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=6, num_attention_heads=8,
+                         num_key_value_heads=1, head_dim=64, vocab_size=16000),
+        projection_dim=512, image_token_index=5,
+    )
+    PaliGemmaForConditionalGeneration(config).save_pretrained(tmp_path)
+    result = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(tmp_path)], capture_output=True, text=True,
+                            check=True)
+    peak, bf16_size, largest_fp32 = map(int, result.stdout.split())
+    assert bf16_size > 50e6
+    assert peak < bf16_size + largest_fp32 + 16e6, (peak, bf16_size, largest_fp32)
+    assert peak < 1.5 * bf16_size  # a float32 copy of the model would be 2x the bf16 size on its own

@@ -162,16 +162,20 @@ def test_prefix_lm_mask_layout():
     assert torch.equal(allowed, expected)
 
 
+def decoder_inputs(ours, ref, seed):
+    """Hidden states of the padded batch, its reference mask, and both models' rotary tables."""
+    attention_mask, token_type_ids, position_ids = padded_batch()
+    x = hidden((2, 7, 64), seed=seed)
+    mask = reference_mask(ref, x, attention_mask, token_type_ids, position_ids)
+    return x, mask, ours.language_model.rotary(position_ids, x.dtype), ref.model.language_model.rotary_emb(x, position_ids)
+
+
 @torch.no_grad()
 def test_gemma_attention(pair):
     ours, ref = pair
-    attention_mask, token_type_ids, position_ids = padded_batch()
-    x = hidden((2, 7, 64), seed=5)
-    mask = reference_mask(ref, x, attention_mask, token_type_ids, position_ids)
-    rotary = ours.language_model.rotary(position_ids, x.dtype)
+    x, mask, rotary, ref_rotary = decoder_inputs(ours, ref, seed=5)
     ours_out, _ = ours.language_model.layers[0].self_attn(x, rotary, mask)
-    ref_layer = ref.model.language_model.layers[0]
-    ref_out, _ = ref_layer.self_attn(x, ref.model.language_model.rotary_emb(x, position_ids), mask)
+    ref_out, _ = ref.model.language_model.layers[0].self_attn(x, ref_rotary, mask)
     assert_matches(ours_out, ref_out, **TOL)
 
 
@@ -185,14 +189,9 @@ def test_gemma_mlp(pair):
 @torch.no_grad()
 def test_gemma_decoder_layer(pair):
     ours, ref = pair
-    attention_mask, token_type_ids, position_ids = padded_batch()
-    x = hidden((2, 7, 64), seed=7)
-    mask = reference_mask(ref, x, attention_mask, token_type_ids, position_ids)
-    rotary = ours.language_model.rotary(position_ids, x.dtype)
+    x, mask, rotary, ref_rotary = decoder_inputs(ours, ref, seed=7)
     ours_out, _ = ours.language_model.layers[1](x, rotary, mask)
-    ref_out = ref.model.language_model.layers[1](
-        x, attention_mask=mask, position_embeddings=ref.model.language_model.rotary_emb(x, position_ids)
-    )
+    ref_out = ref.model.language_model.layers[1](x, attention_mask=mask, position_embeddings=ref_rotary)
     assert_matches(ours_out, ref_out, **TOL)
 
 
