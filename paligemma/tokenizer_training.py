@@ -48,6 +48,7 @@ def train_tokenizer(
         bos_piece="<bos>",
         unk_piece="<unk>",
         user_defined_symbols=symbols,
+        hard_vocab_limit=False,  # a small corpus may not support vocab_size pieces: take what it has
         num_threads=1,
         minloglevel=2,
     )

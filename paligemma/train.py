@@ -1,0 +1,226 @@
+"""Training a small PaliGemma on the shapes world, on CPU or CUDA.
+
+    python -m paligemma.train --out runs/tiny-shapes --steps 1500
+
+The loss is PaliGemma's prefix-LM loss: the batch comes from the same processor as inference, with the
+answer as suffix, so only the answer's tokens (and its `<eos>`) are learned. AdamW with linear warm-up
+and cosine decay, gradient clipping, a held-out evaluation, and a checkpoint to resume from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import shapes
+from .config import PaliGemmaConfig
+from .generation import generate
+from .model import PaliGemmaForConditionalGeneration
+from .processing import GemmaTokenizer, PaliGemmaProcessor
+from .tokenizer_training import train_tokenizer
+
+HELD_OUT_SEED = 1_000_003  # never used for training data
+
+
+def tiny_shapes_config(vocab_size: int) -> PaliGemmaConfig:
+    """112-pixel images in 14-pixel patches (64 image tokens), a 4-layer SigLIP and a 4-layer multi-query Gemma."""
+    return PaliGemmaConfig(
+        vision_config=dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+                           image_size=112, patch_size=14),
+        text_config=dict(hidden_size=192, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
+                         num_key_value_heads=1, head_dim=48, vocab_size=vocab_size, max_position_embeddings=256),
+        projection_dim=192,
+        image_token_index=5,
+        vocab_size=vocab_size,
+    )
+
+
+@dataclass
+class TrainSettings:
+    steps: int = 1500
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    warmup_steps: int = 100
+    min_learning_rate: float = 5e-5
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    eval_every: int = 250
+    eval_examples: int = 96
+    checkpoint_every: int = 100
+    seed: int = 0
+    device: str = "cpu"
+
+
+def init_weights(model: nn.Module, seed: int) -> None:
+    """Small normal weights, zero biases; LayerNorm scales 1 and RMSNorm weights 0 (both mean "no change")."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):
+                param.zero_()
+            elif "layer_norm" in name or "post_layernorm" in name:
+                param.fill_(1.0)
+            elif param.dim() == 1:  # RMSNorm weights, stored centred on zero
+                param.zero_()
+            else:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
+
+
+def learning_rate_at(step: int, settings: TrainSettings) -> float:
+    """Linear warm-up to the peak, then cosine decay to the minimum at the last step."""
+    if step < settings.warmup_steps:
+        return settings.learning_rate * (step + 1) / settings.warmup_steps
+    progress = (step - settings.warmup_steps) / max(1, settings.steps - settings.warmup_steps)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return settings.min_learning_rate + (settings.learning_rate - settings.min_learning_rate) * cosine
+
+
+def build_optimizer(model: nn.Module, settings: TrainSettings) -> torch.optim.AdamW:
+    """AdamW; matrices decay, vectors (biases, norms) do not."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=settings.learning_rate, betas=(0.9, 0.95))
+
+
+def training_batch(processor: PaliGemmaProcessor, examples: list[shapes.Example], device: str) -> dict:
+    batch = processor(text=[e.prompt for e in examples], images=[e.scene.image for e in examples],
+                      suffix=[e.answer for e in examples])
+    return {key: value.to(device) for key, value in batch.items()}
+
+
+@torch.no_grad()
+def held_out_loss(model, processor, examples, device, batch_size=32) -> float:
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start : start + batch_size]
+        total += model(**training_batch(processor, chunk, device)).loss.item() * len(chunk)
+        count += len(chunk)
+    model.train()
+    return total / count
+
+
+@torch.no_grad()
+def evaluate(model, processor, examples: list[shapes.Example], batch_size: int = 64, max_new_tokens: int = 24) -> dict:
+    """Greedy answers scored per task: caption exact match, colour and count accuracy, detection mean IoU."""
+    was_training = model.training
+    model.eval()
+    scores: dict[str, list[float]] = {task: [] for task in shapes.TASKS}
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start : start + batch_size]
+        answers = generate(model, processor, images=[e.scene.image for e in chunk], prompts=[e.prompt for e in chunk],
+                           max_new_tokens=max_new_tokens)
+        for example, answer in zip(chunk, answers):
+            if example.task == "detect":
+                scores["detect"].append(shapes.detection_iou(example, answer))
+            else:
+                scores[example.task].append(float(answer.strip() == example.answer))
+    model.train(was_training)
+    names = {"caption": "caption_exact_match", "color": "color_accuracy", "count": "count_accuracy",
+             "detect": "detect_mean_iou"}
+    result = {names[task]: sum(v) / len(v) for task, v in scores.items() if v}
+    result.update({f"{task}_examples": len(v) for task, v in scores.items()})
+    return result
+
+
+def _progress(step: int, total: int, loss: float, lr: float, started: float) -> None:
+    elapsed = time.monotonic() - started
+    remaining = elapsed / max(step, 1) * (total - step)
+    bar = "#" * int(24 * step / total)
+    sys.stderr.write(f"\r[{bar:<24}] step {step}/{total} loss {loss:.4f} lr {lr:.2e} "
+                     f"{elapsed / 60:.1f} min elapsed, {remaining / 60:.1f} min left ")
+    sys.stderr.flush()
+
+
+def prepare(out: Path, seed: int) -> tuple[PaliGemmaForConditionalGeneration, PaliGemmaProcessor]:
+    """The tokenizer (trained once) and a freshly initialised model for the shapes world."""
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer_file = out / "tokenizer.model"
+    if not tokenizer_file.exists():
+        train_tokenizer(shapes.corpus(seed), tokenizer_file, vocab_size=1600)
+    pieces = GemmaTokenizer(tokenizer_file).vocab_size
+    config = tiny_shapes_config(vocab_size=64 * math.ceil(pieces / 64))  # pad the table, as PaliGemma does
+    torch.manual_seed(seed)
+    model = PaliGemmaForConditionalGeneration(config)
+    init_weights(model, seed)
+    processor = PaliGemmaProcessor(GemmaTokenizer(tokenizer_file, config.image_token_index),
+                                   config.vision_config.image_size, config.num_image_tokens,
+                                   config.text_config.max_position_embeddings)
+    return model, processor
+
+
+def train(out: str | Path, settings: TrainSettings, log=print) -> dict:
+    """Train (resuming from `out/train_state.pt` when present), save the model to `out`, return the metrics."""
+    out = Path(out)
+    model, processor = prepare(out, settings.seed)
+    model.to(settings.device).train()
+    optimizer = build_optimizer(model, settings)
+    rng = random.Random(settings.seed)
+    step, history = 0, []
+    state_file = out / "train_state.pt"
+    if state_file.exists():
+        state = torch.load(state_file, map_location=settings.device, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        rng.setstate(state["data_rng"])
+        step, history = state["step"], state["history"]
+        log(f"resuming from step {step}")
+    held_out = shapes.make_dataset(HELD_OUT_SEED, settings.eval_examples)
+    started = time.monotonic()
+    first_step = step
+    while step < settings.steps:
+        lr = learning_rate_at(step, settings)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        examples = [shapes.make_example(rng, 112) for _ in range(settings.batch_size)]
+        loss = model(**training_batch(processor, examples, settings.device)).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
+        optimizer.step()
+        step += 1
+        history.append({"step": step, "loss": round(loss.item(), 5), "lr": lr})
+        _progress(step - first_step, settings.steps - first_step, loss.item(), lr, started)
+        if step % settings.eval_every == 0 or step == settings.steps:
+            held = held_out_loss(model, processor, held_out, settings.device)
+            history[-1]["held_out_loss"] = round(held, 5)
+            history[-1]["minutes"] = round((time.monotonic() - started) / 60, 2)
+            sys.stderr.write("\n")
+            log(f"step {step}: train loss {loss.item():.4f}, held-out loss {held:.4f}")
+        if step % settings.checkpoint_every == 0 or step == settings.steps:
+            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "data_rng": rng.getstate(),
+                        "step": step, "history": history, "settings": asdict(settings)}, state_file)
+    model.eval()
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    (out / "training_log.json").write_text(json.dumps({"settings": asdict(settings), "history": history}) + "\n")
+    return {"step": step, "final_loss": history[-1]["loss"] if history else None}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m paligemma.train", description=__doc__.split("\n")[0])
+    parser.add_argument("--out", required=True, help="folder for the checkpoint, the tokenizer and the resume state")
+    defaults = TrainSettings()
+    for name, value in asdict(defaults).items():
+        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    settings = TrainSettings(**{name: getattr(args, name) for name in asdict(defaults)})
+    train(args.out, settings)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
