@@ -60,9 +60,18 @@ class TrainSettings:
     device: str = "cpu"
 
 
-def init_weights(model: nn.Module, seed: int) -> None:
-    """Small normal weights, zero biases; LayerNorm scales 1 and RMSNorm weights 0 (both mean "no change")."""
+def init_weights(model: nn.Module, seed: int, location_ids: list[int] | None = None) -> None:
+    """Fan-in scaled normal weights, zero biases; LayerNorm scales 1 and RMSNorm weights 0 (both "no change").
+
+    Matrices get std 1/sqrt(fan_in), so signals keep their size through narrow layers (a fixed 0.02, right for
+    wide models, starves these narrow ones: attention stays uniform and every patch looks the same). Projections
+    that write into a residual stream are further scaled by 1/sqrt(2 * layers), as in GPT-2. Token embeddings
+    get std 1/sqrt(width): times Gemma's sqrt(width) scale, each entry starts at unit size. The 1024 `<loc>`
+    tokens (given by `location_ids`, in bin order) start from a smooth code of their bin, so that neighbouring
+    bins begin alike and what is learnt about one bin carries over to its neighbours.
+    """
     generator = torch.Generator().manual_seed(seed)
+    config = model.config
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith("bias"):
@@ -72,7 +81,27 @@ def init_weights(model: nn.Module, seed: int) -> None:
             elif param.dim() == 1:  # RMSNorm weights, stored centred on zero
                 param.zero_()
             else:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
+                fan_in = param[0].numel()
+                std = fan_in**-0.5
+                if name.endswith(("out_proj.weight", "fc2.weight")):
+                    std /= (2 * config.vision_config.num_hidden_layers) ** 0.5
+                elif name.endswith(("o_proj.weight", "down_proj.weight")):
+                    std /= (2 * config.text_config.num_hidden_layers) ** 0.5
+                elif "position_embedding" in name or "embed_tokens" in name:
+                    std = param.shape[-1] ** -0.5
+                param.copy_(torch.randn(param.shape, generator=generator) * std)
+        if location_ids:
+            table = model.language_model.embed_tokens.weight
+            table[location_ids] = location_code(len(location_ids), table.shape[1], generator)
+
+
+def location_code(bins: int, width: int, generator: torch.Generator) -> torch.Tensor:
+    """[bins, width]: sines and cosines of the bin at geometric frequencies, plus a little noise, std 1/sqrt(width)."""
+    positions = torch.arange(bins, dtype=torch.float32)[:, None] / bins  # [bins, 1] in [0, 1)
+    frequencies = torch.pi * 2.0 ** torch.linspace(0, 6, width // 2)  # from half a turn to 32 turns over the image
+    code = torch.cat([torch.sin(positions * frequencies), torch.cos(positions * frequencies)], dim=1)
+    code = code + 0.3 * torch.randn(code.shape, generator=generator)
+    return code / code.std() * width**-0.5
 
 
 def learning_rate_at(step: int, settings: TrainSettings) -> float:
@@ -152,8 +181,9 @@ def prepare(out: Path, seed: int) -> tuple[PaliGemmaForConditionalGeneration, Pa
     config = tiny_shapes_config(vocab_size=64 * math.ceil(pieces / 64))  # pad the table, as PaliGemma does
     torch.manual_seed(seed)
     model = PaliGemmaForConditionalGeneration(config)
-    init_weights(model, seed)
-    processor = PaliGemmaProcessor(GemmaTokenizer(tokenizer_file, config.image_token_index),
+    tokenizer = GemmaTokenizer(tokenizer_file, config.image_token_index)
+    init_weights(model, seed, [tokenizer.sp.piece_to_id(f"<loc{b:04d}>") for b in range(1024)])
+    processor = PaliGemmaProcessor(tokenizer,
                                    config.vision_config.image_size, config.num_image_tokens,
                                    config.text_config.max_position_embeddings)
     return model, processor

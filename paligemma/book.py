@@ -1,0 +1,82 @@
+"""What every chapter of the book shares: choosing the device, the versions cell, and the verdict line.
+
+Outputs printed through these helpers are the same on every machine (rounded, or booleans), so the
+notebooks can be stored with their outputs and checked by nbval on CPU and GPU alike.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+REPOSITORY = Path(__file__).resolve().parent.parent
+IMAGES = REPOSITORY / "images"
+REAL_WEIGHTS_ENV = "PALIGEMMA_REAL_WEIGHTS"
+
+
+def pick_device() -> torch.device:
+    """CUDA when present (or `PALIGEMMA_DEVICE` says otherwise), else the CPU; float32 math stays exact on both."""
+    name = os.environ.get("PALIGEMMA_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda"):
+        # The reference checks compare float32 results: keep TF32 off so the GPU computes in full float32.
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    return torch.device(name)
+
+
+def versions() -> str:
+    """One line naming the versions a notebook ran with (its output varies by machine, so nbval ignores it)."""
+    import paligemma
+
+    parts = [f"python {platform.python_version()}", f"torch {torch.__version__}", f"paligemma {paligemma.__version__}"]
+    try:
+        import transformers
+
+        parts.append(f"transformers {transformers.__version__}")
+    except ImportError:
+        parts.append("transformers not installed (reference checks will be skipped)")
+    parts.append(f"device {pick_device()}")
+    return ", ".join(parts)
+
+
+def max_diff(ours: torch.Tensor, reference: torch.Tensor) -> float:
+    return (ours.detach().double().cpu() - reference.detach().double().cpu()).abs().max().item()
+
+
+def check(name: str, ours: torch.Tensor, reference: torch.Tensor, atol: float = 1e-5) -> None:
+    """Print the device-independent verdict "name: max |diff| < atol: True" (nbval fails the notebook on False)."""
+    same_shape = tuple(ours.shape) == tuple(reference.shape)
+    ok = same_shape and max_diff(ours, reference) < atol
+    print(f"{name}: max |diff| < {atol:g}: {ok}")
+
+
+def real_weights() -> Path | None:
+    """The folder of a real PaliGemma checkpoint named by $PALIGEMMA_REAL_WEIGHTS, if the reader has one."""
+    value = os.environ.get(REAL_WEIGHTS_ENV)
+    return Path(value) if value and Path(value).is_dir() else None
+
+
+def load_reference(name_or_path: str | Path = "tiny-shapes", device: torch.device | str = "cpu"):
+    """The same checkpoint in transformers' PaliGemma (eager attention, so attention weights are exact), quietly."""
+    import transformers
+    from transformers import PaliGemmaForConditionalGeneration
+
+    from .checkpoint import resolve_checkpoint
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    model = PaliGemmaForConditionalGeneration.from_pretrained(resolve_checkpoint(name_or_path),
+                                                              attn_implementation="eager")
+    return model.to(device).eval()
+
+
+def shapes_scene(seed: int):
+    """A scene of the shapes world (the tiny-shapes model's training distribution), made from a seed."""
+    import random
+
+    from .shapes import make_scene
+
+    return make_scene(random.Random(seed))
