@@ -47,7 +47,7 @@ def max_diff(ours: torch.Tensor, reference: torch.Tensor) -> float:
 
 
 def check(name: str, ours: torch.Tensor, reference: torch.Tensor, atol: float = 1e-5) -> None:
-    """Print the device-independent verdict "name: max |diff| < atol: True" (nbval fails the notebook on False)."""
+    """Print the device-independent verdict "name: max abs diff < atol: True" (nbval fails the notebook on False)."""
     same_shape = tuple(ours.shape) == tuple(reference.shape)
     ok = same_shape and max_diff(ours, reference) < atol
     print(f"{name}: max |diff| < {atol:g}: {ok}")

@@ -1,5 +1,6 @@
 """The command line: ask a checkpoint a question about an image.
 
+    python -m paligemma --image images/shapes_1.png --prompt "caption en"               # the shipped tiny-shapes
     python -m paligemma --image cat.jpg --prompt "caption en" --model path/to/checkpoint
 """
 
@@ -12,14 +13,16 @@ import sys
 from .errors import PaliGemmaError
 
 DEFAULT_MODEL_ENV = "PALIGEMMA_MODEL"
+DEFAULT_MODEL = "tiny-shapes"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m paligemma", description="Answer a prompt about an image with PaliGemma.")
     parser.add_argument("--image", required=True, help="image file (any format PIL reads)")
     parser.add_argument("--prompt", required=True, help='task prompt, e.g. "caption en", "answer en what is this?", "detect cat"')
-    parser.add_argument("--model", default=os.environ.get(DEFAULT_MODEL_ENV),
-                        help=f"checkpoint folder in the Hugging Face layout, or a bundled model's name (default: ${DEFAULT_MODEL_ENV})")
+    parser.add_argument("--model", default=os.environ.get(DEFAULT_MODEL_ENV) or DEFAULT_MODEL,
+                        help="checkpoint folder in the Hugging Face layout, or the name of a model shipped with the "
+                             f"package (default: ${DEFAULT_MODEL_ENV}, else {DEFAULT_MODEL!r}, trained on shapes)")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="most tokens to generate (default 32)")
     parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (> 0)")
@@ -40,8 +43,6 @@ def main(argv: list[str] | None = None) -> int:
         from .generation import check_generation_settings, generate
         from .processing import load_image
 
-        if args.model is None:
-            raise PaliGemmaError(f"no model given: pass --model DIR or set ${DEFAULT_MODEL_ENV}")
         check_generation_settings(args.max_new_tokens, args.sample, args.temperature, args.top_k, args.top_p)
         image = load_image(args.image)
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -70,7 +70,7 @@ class SiglipVisionConfig:
 
     @property
     def num_patches(self) -> int:
-        """Patches per image: (image_size / patch_size)^2, e.g. 256 for 224 pixels and 14-pixel patches."""
+        """Patches per image, (image_size / patch_size) squared; 256 for 224 pixels and 14-pixel patches."""
         return (self.image_size // self.patch_size) ** 2
 
     @classmethod
@@ -118,7 +118,7 @@ class GemmaConfig:
 
     @property
     def num_key_value_groups(self) -> int:
-        """How many query heads share one key/value head (8 for Gemma 2B's multi-query attention)."""
+        """The number of query heads that share one key/value head (8 for Gemma 2B's multi-query attention)."""
         return self.num_attention_heads // self.num_key_value_heads
 
     @classmethod
@@ -179,12 +179,12 @@ class PaliGemmaConfig:
 
     @property
     def num_image_tokens(self) -> int:
-        """How many `<image>` tokens stand for one image: one per patch."""
+        """The number of `<image>` tokens that stand for one image: one per patch."""
         return self.vision_config.num_patches
 
     @property
     def image_token_in_vocab(self) -> bool:
-        """False when the `<image>` id lies past the embedding table (PaliGemma 2): it is embedded as pad instead."""
+        """Whether the `<image>` id has a row in the embedding table (not in PaliGemma 2, where pad is embedded)."""
         return self.image_token_index < self.text_config.vocab_size
 
     @classmethod

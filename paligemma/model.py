@@ -1,5 +1,7 @@
 """PaliGemma: SigLIP's patch features, projected into Gemma's embedding space, take the places of the `<image>` tokens.
 
+::
+
     image -> SigLIP -> linear projector ─┐
                                          ├─> [img_1 … img_N, <bos>, prompt…, \\n | suffix…] -> Gemma -> logits
     text  -> token embeddings * sqrt(d) ─┘
@@ -29,7 +31,7 @@ from .siglip import SiglipVisionModel
 class PaliGemmaOutput:
     """What the forward pass returns; readable as `out.logits` or `out["logits"]`."""
 
-    logits: torch.Tensor
+    logits: torch.Tensor | None
     loss: torch.Tensor | None = None
     kv_cache: KVCache | None = None
     image_features: torch.Tensor | None = None
@@ -150,6 +152,7 @@ class PaliGemmaForConditionalGeneration(nn.Module):
         kv_cache: KVCache | None = None,
         logits_to_keep: int = 0,
         return_attentions: bool = False,
+        return_logits: bool = True,
         **unused: Any,
     ) -> PaliGemmaOutput:
         """Run the model on a batch from the processor.
@@ -157,7 +160,8 @@ class PaliGemmaForConditionalGeneration(nn.Module):
         attention_mask covers the cached positions too ([b, past + new]); position_ids default to the count of
         real tokens so far, so the first real token sits at 1 whatever the left padding. token_type_ids default
         to all prefix. With labels (-100 where no loss is wanted), the loss is the mean cross-entropy of
-        predicting each labelled token from the one before it. logits_to_keep > 0 keeps only the last positions.
+        predicting each labelled token from the one before it. logits_to_keep > 0 keeps only the last positions;
+        return_logits=False (training) computes logits only where a label needs them, and returns none.
         """
         past_length = kv_cache.get_seq_length() if kv_cache is not None else 0
         batch, length = input_ids.shape
@@ -186,16 +190,22 @@ class PaliGemmaForConditionalGeneration(nn.Module):
         hidden, text_attentions = self.language_model(embeds, position_ids, mask, kv_cache, return_attentions)
         if logits_to_keep > 0:
             hidden = hidden[:, -logits_to_keep:]
-        logits = self.language_model.logits(hidden)
 
-        loss = None
+        logits, loss = None, None
         if labels is not None:
             # Position t predicts token t + 1: drop the last prediction and the first label.
+            targets = labels[:, 1:].to(hidden.device)
+            if return_logits:
+                logits = self.language_model.logits(hidden)
+                predictions = logits[:, :-1]
+            else:  # only the positions that predict a label: the vocabulary projection dominates otherwise
+                wanted = targets != -100
+                predictions, targets = self.language_model.logits(hidden[:, :-1][wanted]), targets[wanted]
             loss = F.cross_entropy(
-                logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-                labels[:, 1:].reshape(-1).to(logits.device),
-                ignore_index=-100,
+                predictions.float().reshape(-1, predictions.shape[-1]), targets.reshape(-1), ignore_index=-100
             )
+        elif return_logits:
+            logits = self.language_model.logits(hidden)
         return PaliGemmaOutput(
             logits=logits,
             loss=loss,

@@ -1,8 +1,8 @@
 """Turning images and prompts into model inputs, and generated ids back into text.
 
-Image: any PIL image -> RGB -> bicubic resize to the model's square size -> [0, 1] -> [-1, 1], channels first.
-Text:  `<image>` * num_image_tokens + `<bos>` + prompt + `\\n` (the prefix), then for training
-       suffix + `<eos>`. Batches are padded on the left, so every sequence ends where generation begins.
+- Image: any PIL image -> RGB -> bicubic resize to the model's square size -> [0, 1] -> [-1, 1], channels first.
+- Text: `<image>` * num_image_tokens + `<bos>` + prompt + `\\n` (the prefix), then for training suffix + `<eos>`.
+  Batches are padded on the left, so every sequence ends where generation begins.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Training a small PaliGemma on the shapes world, on CPU or CUDA.
 
-    python -m paligemma.train --out runs/tiny-shapes --steps 1500
+    python -m paligemma.train --out runs/tiny-shapes
 
 The loss is PaliGemma's prefix-LM loss: the batch comes from the same processor as inference, with the
 answer as suffix, so only the answer's tokens (and its `<eos>`) are learned. AdamW with linear warm-up
@@ -46,18 +46,19 @@ def tiny_shapes_config(vocab_size: int) -> PaliGemmaConfig:
 
 @dataclass
 class TrainSettings:
-    steps: int = 1500
+    steps: int = 2900
     batch_size: int = 32
     learning_rate: float = 1e-3
     warmup_steps: int = 100
     min_learning_rate: float = 5e-5
     weight_decay: float = 0.01
     grad_clip: float = 1.0
-    eval_every: int = 250
+    eval_every: int = 725
     eval_examples: int = 96
-    checkpoint_every: int = 100
+    checkpoint_every: int = 250
     seed: int = 0
     device: str = "cpu"
+    precision: str = "fp32"  # "bf16": matrix products in bfloat16 under autocast (weights and optimiser stay fp32)
 
 
 def init_weights(model: nn.Module, seed: int, location_ids: list[int] | None = None) -> None:
@@ -93,6 +94,24 @@ def init_weights(model: nn.Module, seed: int, location_ids: list[int] | None = N
         if location_ids:
             table = model.language_model.embed_tokens.weight
             table[location_ids] = location_code(len(location_ids), table.shape[1], generator)
+        positions = model.vision_tower.embeddings.position_embedding.weight
+        positions.copy_(grid_code(int(positions.shape[0] ** 0.5), positions.shape[1]))
+
+
+def grid_code(side: int, width: int) -> torch.Tensor:
+    """[side * side, width]: 2-D sine-cosine codes of the patch grid (half the width for rows, half for columns).
+
+    Learned position embeddings start from these rather than from noise: patch contents would drown small random
+    positions, and without knowing where a patch is, the model cannot say what is left of what, or draw a box.
+    """
+    quarter = width // 4
+    frequencies = 1.0 / (100.0 ** (torch.arange(quarter, dtype=torch.float32) / quarter))  # [width / 4]
+    coordinate = torch.arange(side, dtype=torch.float32)
+    rows, columns = torch.meshgrid(coordinate, coordinate, indexing="ij")  # [side, side] each, row by row
+    def code(values: torch.Tensor) -> torch.Tensor:
+        angles = values.reshape(-1, 1) * frequencies  # [side * side, width / 4]
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+    return torch.cat([code(rows), code(columns)], dim=1)  # [side * side, width], entries of unit size
 
 
 def location_code(bins: int, width: int, generator: torch.Generator) -> torch.Tensor:
@@ -133,7 +152,7 @@ def held_out_loss(model, processor, examples, device, batch_size=32) -> float:
     total, count = 0.0, 0
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
-        total += model(**training_batch(processor, chunk, device)).loss.item() * len(chunk)
+        total += model(**training_batch(processor, chunk, device), return_logits=False).loss.item() * len(chunk)
         count += len(chunk)
     model.train()
     return total / count
@@ -213,7 +232,9 @@ def train(out: str | Path, settings: TrainSettings, log=print) -> dict:
         for group in optimizer.param_groups:
             group["lr"] = lr
         examples = [shapes.make_example(rng, 112) for _ in range(settings.batch_size)]
-        loss = model(**training_batch(processor, examples, settings.device)).loss
+        device_type = torch.device(settings.device).type
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=settings.precision == "bf16"):
+            loss = model(**training_batch(processor, examples, settings.device), return_logits=False).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
@@ -222,11 +243,15 @@ def train(out: str | Path, settings: TrainSettings, log=print) -> dict:
         history.append({"step": step, "loss": round(loss.item(), 5), "lr": lr})
         _progress(step - first_step, settings.steps - first_step, loss.item(), lr, started)
         if step % settings.eval_every == 0 or step == settings.steps:
+            evaluation_started = time.monotonic()
             held = held_out_loss(model, processor, held_out, settings.device)
-            history[-1]["held_out_loss"] = round(held, 5)
-            history[-1]["minutes"] = round((time.monotonic() - started) / 60, 2)
+            metrics = evaluate(model, processor, held_out)
+            started += time.monotonic() - evaluation_started  # report training time without the evaluations
+            history[-1].update(held_out_loss=round(held, 5), minutes=round((time.monotonic() - started) / 60, 2),
+                               **{k: round(v, 4) for k, v in metrics.items() if not k.endswith("_examples")})
             sys.stderr.write("\n")
-            log(f"step {step}: train loss {loss.item():.4f}, held-out loss {held:.4f}")
+            log(f"step {step}: train loss {loss.item():.4f}, held-out loss {held:.4f}, "
+                + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items() if not k.endswith("_examples")))
         if step % settings.checkpoint_every == 0 or step == settings.steps:
             torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "data_rng": rng.getstate(),
                         "step": step, "history": history, "settings": asdict(settings)}, state_file)
@@ -237,9 +262,20 @@ def train(out: str | Path, settings: TrainSettings, log=print) -> dict:
     return {"step": step, "final_loss": history[-1]["loss"] if history else None}
 
 
+def evaluate_checkpoint(name_or_path: str | Path, examples: int, seed: int = HELD_OUT_SEED, device: str = "cpu") -> dict:
+    """Score a checkpoint on `examples` held-out scenes (made with a seed training never uses)."""
+    from .checkpoint import load_pretrained
+
+    model, processor = load_pretrained(name_or_path, device=device)
+    metrics = evaluate(model, processor, shapes.make_dataset(seed, examples))
+    return {"examples": examples, "seed": seed, **{k: round(v, 4) for k, v in metrics.items()}}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m paligemma.train", description=__doc__.split("\n")[0])
-    parser.add_argument("--out", required=True, help="folder for the checkpoint, the tokenizer and the resume state")
+    parser.add_argument("--out", help="folder for the checkpoint, the tokenizer and the resume state")
+    parser.add_argument("--evaluate", metavar="MODEL", help="instead of training, score MODEL on held-out scenes")
+    parser.add_argument("--examples", type=int, default=500, help="held-out scenes for --evaluate (default 500)")
     defaults = TrainSettings()
     for name, value in asdict(defaults).items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
@@ -247,6 +283,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.evaluate:
+        result = evaluate_checkpoint(args.evaluate, args.examples, device=args.device)
+        print(json.dumps(result, indent=2))
+        return 0
+    if not args.out:
+        parser.error("--out is required for training")
+    if args.precision not in ("fp32", "bf16"):
+        parser.error("--precision must be fp32 or bf16")
     settings = TrainSettings(**{name: getattr(args, name) for name in asdict(defaults)})
     train(args.out, settings)
     return 0

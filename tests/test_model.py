@@ -180,3 +180,14 @@ def test_full_size_architecture_matches_reference():
     }
     assert ours_shapes == ref_shapes
     assert ours.config.num_image_tokens == 256
+
+
+def test_loss_without_full_logits_is_the_same(mqa_checkpoint):
+    """Training may skip the vocabulary projection where no label needs it; the loss must not change."""
+    directory, _ = mqa_checkpoint
+    model, processor = load_pretrained(directory)
+    batch = processor(text=PROMPTS, images=[random_image(7), random_image(8)], suffix=["a red circle", "red"])
+    full = model(**batch)
+    lean = model(**batch, return_logits=False)
+    assert lean.logits is None
+    assert_matches(lean.loss, full.loss, atol=1e-6, rtol=1e-6)

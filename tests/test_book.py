@@ -1,0 +1,149 @@
+"""The book: it builds with no warnings, and every page renders in headless Chromium with its images and links.
+
+The build uses the notebooks' stored outputs (nbval checks those separately). Chromium is Debian's `chromium`
+with `chromium-driver`; outside CI the browser part is skipped when they are not installed.
+"""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from html.parser import HTMLParser
+from pathlib import Path
+from urllib.parse import unquote, urldefrag, urlparse
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+# Debian's chromium here; a GitHub runner's preinstalled Chrome and driver elsewhere.
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+CHROMEDRIVER = shutil.which("chromedriver") or (
+    os.path.join(os.environ["CHROMEWEBDRIVER"], "chromedriver") if os.environ.get("CHROMEWEBDRIVER") else None
+)
+pytest.importorskip("jupyter_book", reason="the book extra is not installed")
+
+
+@pytest.fixture(scope="module")
+def built_book(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("book")
+    result = subprocess.run(
+        [str(Path(sys.executable).with_name("jupyter-book")), "build", str(ROOT), "--path-output", str(out), "-W", "-n", "--keep-going"],
+        capture_output=True, text=True, timeout=900,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    html = out / "_build" / "html"
+    assert (html / "index.html").is_file(), "the build produced no index.html"
+    return html
+
+
+def toc_pages(html: Path) -> list[Path]:
+    """Every page the table of contents names, as built HTML."""
+    import yaml
+
+    toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
+    files = [toc["root"]] + [chapter["file"] for part in toc["parts"] for chapter in part["chapters"]]
+    return [html / f"{name}.html" for name in files]
+
+
+class _Links(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.links: list[str] = []
+        self.images: list[str] = []
+        self.ids: set[str] = set()
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if "id" in attrs:
+            self.ids.add(attrs["id"])
+        if tag == "a" and attrs.get("href"):
+            self.links.append(attrs["href"])
+        if tag == "img" and attrs.get("src"):
+            self.images.append(attrs["src"])
+
+
+def _parse(page: Path) -> _Links:
+    parser = _Links()
+    parser.feed(page.read_text(encoding="utf-8"))
+    return parser
+
+
+def test_every_page_is_built(built_book):
+    for page in toc_pages(built_book):
+        assert page.is_file(), f"missing page {page.relative_to(built_book)}"
+
+
+def test_no_broken_internal_links_or_images(built_book):
+    problems = []
+    for page in sorted(built_book.rglob("*.html")):
+        if "_modules" in page.parts or page.name in ("genindex.html", "search.html", "py-modindex.html"):
+            continue
+        parsed = _parse(page)
+        for href in parsed.links + parsed.images:
+            if urlparse(href).scheme or href.startswith(("//", "mailto:", "javascript:")):
+                continue  # external: not checked here (no network)
+            path, anchor = urldefrag(href)
+            target = (page.parent / unquote(path)).resolve() if path else page
+            if not target.exists():
+                problems.append(f"{page.relative_to(built_book)}: {href} (no such file)")
+            elif anchor and target.suffix == ".html" and anchor not in _parse(target).ids:
+                problems.append(f"{page.relative_to(built_book)}: {href} (no such anchor)")
+    assert not problems, "\n".join(problems[:20])
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not (CHROMIUM and CHROMEDRIVER):
+        if os.environ.get("CI"):
+            pytest.fail("chromium and chromedriver must be installed in CI (Debian packages chromium, chromium-driver)")
+        pytest.skip("chromium / chromedriver not installed")
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--window-size=1280,1000"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(60)
+    yield driver
+    driver.quit()
+
+
+@pytest.fixture(scope="module")
+def server(built_book):
+    handler = functools.partial(_QuietHandler, directory=str(built_book))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+def test_pages_render_in_chromium(built_book, browser, server, tmp_path):
+    failures = []
+    for page in toc_pages(built_book):
+        relative = page.relative_to(built_book).as_posix()
+        browser.get(f"{server}/{relative}")
+        state = browser.execute_script("return document.readyState")
+        title = browser.execute_script("return (document.querySelector('main h1') || {}).textContent || ''")
+        text_length = browser.execute_script("return (document.querySelector('main') || document.body).innerText.length")
+        broken = browser.execute_script(
+            "return Array.from(document.images).filter(i => !i.complete || i.naturalWidth === 0).map(i => i.src)")
+        if state != "complete" or not title.strip() or text_length < 200 or broken:
+            failures.append(f"{relative}: state={state} title={title!r} text={text_length} broken images={broken}")
+        if relative.endswith("intro.html"):
+            browser.save_screenshot(str(tmp_path / "intro.png"))
+    assert not failures, "\n".join(failures)
