@@ -63,7 +63,8 @@ def test_location_round_trip_and_errors():
         box = (x0, y0, rng.uniform(x0 + 5, width), rng.uniform(y0 + 5, height))
         (parsed,) = parse_locations(encode_objects([DetectedObject("cat", box)], width, height), width, height)
         assert parsed.label == "cat"
-        assert all(abs(a - b) <= extent / 2048 + 1e-9 for a, b, extent in zip(parsed.box, box, (width, height) * 2))
+        # within half a bin, or one bin at the far edge where bin 1024 is clipped to 1023
+        assert all(abs(a - b) <= extent / 1024 + 1e-9 for a, b, extent in zip(parsed.box, box, (width, height) * 2))
     two = parse_locations("<loc0000><loc0000><loc0512><loc0512> a ; <loc0512><loc0512><loc1023><loc1023> b", 100, 200)
     assert [o.label for o in two] == ["a", "b"] and two[0].box == (0.0, 0.0, 50.0, 100.0)
     assert parse_locations("", 10, 10) == []
@@ -198,6 +199,6 @@ def test_default_cli_run_writes_a_caption():
 
 
 @expected_below_bars
-@pytest.mark.parametrize("number, seed", SAMPLE_SCENES)
-def test_default_cli_run_captions_the_sample_scenes_correctly(number, seed):
-    assert default_cli_caption(number) == shapes.caption(shapes.make_scene(random.Random(seed)))
+def test_default_cli_run_captions_every_sample_scene_correctly():
+    got = [default_cli_caption(number) for number, _ in SAMPLE_SCENES]
+    assert got == [shapes.caption(shapes.make_scene(random.Random(seed))) for _, seed in SAMPLE_SCENES]
