@@ -31,11 +31,11 @@ from .tokenizer_training import train_tokenizer
 HELD_OUT_SEED = 1_000_003  # never used for training data
 
 
-def tiny_shapes_config(vocab_size: int) -> PaliGemmaConfig:
+def tiny_shapes_config(vocab_size: int, image_size: int = 112) -> PaliGemmaConfig:
     """112-pixel images in 14-pixel patches (64 image tokens), a 4-layer SigLIP and a 4-layer multi-query Gemma."""
     return PaliGemmaConfig(
         vision_config=dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
-                           image_size=112, patch_size=14),
+                           image_size=image_size, patch_size=14),
         text_config=dict(hidden_size=192, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
                          num_key_value_heads=1, head_dim=48, vocab_size=vocab_size, max_position_embeddings=256),
         projection_dim=192,
@@ -59,6 +59,7 @@ class TrainSettings:
     seed: int = 0
     device: str = "cpu"
     precision: str = "fp32"  # "bf16": matrix products in bfloat16 under autocast (weights and optimiser stay fp32)
+    image_size: int = 112  # scenes are drawn at the model's input size
 
 
 def init_weights(model: nn.Module, seed: int, location_ids: list[int] | None = None) -> None:
@@ -190,14 +191,14 @@ def _progress(step: int, total: int, loss: float, lr: float, started: float) -> 
     sys.stderr.flush()
 
 
-def prepare(out: Path, seed: int) -> tuple[PaliGemmaForConditionalGeneration, PaliGemmaProcessor]:
+def prepare(out: Path, seed: int, image_size: int = 112) -> tuple[PaliGemmaForConditionalGeneration, PaliGemmaProcessor]:
     """The tokenizer (trained once) and a freshly initialised model for the shapes world."""
     out.mkdir(parents=True, exist_ok=True)
     tokenizer_file = out / "tokenizer.model"
     if not tokenizer_file.exists():
         train_tokenizer(shapes.corpus(seed), tokenizer_file, vocab_size=1600)
     pieces = GemmaTokenizer(tokenizer_file).vocab_size
-    config = tiny_shapes_config(vocab_size=64 * math.ceil(pieces / 64))  # pad the table, as PaliGemma does
+    config = tiny_shapes_config(64 * math.ceil(pieces / 64), image_size)  # pad the table, as PaliGemma does
     torch.manual_seed(seed)
     model = PaliGemmaForConditionalGeneration(config)
     tokenizer = GemmaTokenizer(tokenizer_file, config.image_token_index)
@@ -211,7 +212,7 @@ def prepare(out: Path, seed: int) -> tuple[PaliGemmaForConditionalGeneration, Pa
 def train(out: str | Path, settings: TrainSettings, log=print) -> dict:
     """Train (resuming from `out/train_state.pt` when present), save the model to `out`, return the metrics."""
     out = Path(out)
-    model, processor = prepare(out, settings.seed)
+    model, processor = prepare(out, settings.seed, settings.image_size)
     model.to(settings.device).train()
     optimizer = build_optimizer(model, settings)
     rng = random.Random(settings.seed)
@@ -224,14 +225,14 @@ def train(out: str | Path, settings: TrainSettings, log=print) -> dict:
         rng.setstate(state["data_rng"])
         step, history = state["step"], state["history"]
         log(f"resuming from step {step}")
-    held_out = shapes.make_dataset(HELD_OUT_SEED, settings.eval_examples)
+    held_out = shapes.make_dataset(HELD_OUT_SEED, settings.eval_examples, settings.image_size)
     started = time.monotonic()
     first_step = step
     while step < settings.steps:
         lr = learning_rate_at(step, settings)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        examples = [shapes.make_example(rng, 112) for _ in range(settings.batch_size)]
+        examples = [shapes.make_example(rng, settings.image_size) for _ in range(settings.batch_size)]
         device_type = torch.device(settings.device).type
         with torch.autocast(device_type, dtype=torch.bfloat16, enabled=settings.precision == "bf16"):
             loss = model(**training_batch(processor, examples, settings.device), return_logits=False).loss
@@ -267,7 +268,8 @@ def evaluate_checkpoint(name_or_path: str | Path, examples: int, seed: int = HEL
     from .checkpoint import load_pretrained
 
     model, processor = load_pretrained(name_or_path, device=device)
-    metrics = evaluate(model, processor, shapes.make_dataset(seed, examples))
+    size = model.config.vision_config.image_size
+    metrics = evaluate(model, processor, shapes.make_dataset(seed, examples, size))
     return {"examples": examples, "seed": seed, **{k: round(v, 4) for k, v in metrics.items()}}
 
 
