@@ -17,6 +17,7 @@ in bf16 never holds a float32 copy of the model.
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from collections.abc import Iterator
@@ -152,7 +153,7 @@ def _read_tensors(files: list[Path]) -> Iterator[tuple[str, str, tuple[int, ...]
         for name in names:
             tensor_slice = handle.get_slice(name)
             shape = tuple(tensor_slice.get_shape())
-            nbytes = _numel(shape) * _ITEM_SIZES.get(tensor_slice.get_dtype(), 4)
+            nbytes = math.prod(shape) * _ITEM_SIZES.get(tensor_slice.get_dtype(), 4)
             yield file.name, name, shape, nbytes, _LazyTensor(handle, name, file)
 
 
@@ -185,6 +186,17 @@ def load_model(
     """Build the model from a checkpoint folder's config and weights, converting each tensor to `dtype` on `device`."""
     directory = resolve_checkpoint(name_or_path)
     config = PaliGemmaConfig.from_json_file(directory / "config.json")
+    return _load_weights(directory, config, device, dtype, progress)
+
+
+def _load_weights(
+    directory: Path,
+    config: PaliGemmaConfig,
+    device: torch.device | str,
+    dtype: torch.dtype | str | None,
+    progress: bool,
+) -> PaliGemmaForConditionalGeneration:
+    """A model of `config` on the meta device, then its tensors from the folder's safetensors, one at a time."""
     files = weight_files(directory)
     device, dtype = parse_device(device), parse_dtype(dtype)
 
@@ -210,7 +222,6 @@ def load_model(
             continue
         tensor = lazy.read()
         state[name] = tensor.to(device=device, dtype=dtype or tensor.dtype)
-        del tensor
         bar.advance(nbytes)
     if wrong_shape:
         raise PaliGemmaError(f"weights of the wrong shape for this config: {_describe(wrong_shape)}")
@@ -228,13 +239,6 @@ def load_model(
     return model.eval()
 
 
-def _numel(shape: tuple[int, ...]) -> int:
-    count = 1
-    for size in shape:
-        count *= size
-    return count
-
-
 def load_pretrained(
     name_or_path: str | Path,
     device: torch.device | str = "cpu",
@@ -245,8 +249,7 @@ def load_pretrained(
     directory = resolve_checkpoint(name_or_path)
     config = PaliGemmaConfig.from_json_file(directory / "config.json")
     processor = PaliGemmaProcessor.from_pretrained(directory, config)  # fail fast on a missing tokenizer
-    model = load_model(directory, device=device, dtype=dtype, progress=progress)
-    return model, processor
+    return _load_weights(directory, config, device, dtype, progress), processor
 
 
 def _parse_size(size: int | str) -> int:

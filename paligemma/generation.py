@@ -160,7 +160,6 @@ def generate(
     cache: str | KVCache = "dynamic",
 ) -> list[str] | GenerationOutput:
     """Answer each prompt about its image. Returns the decoded answers (or, with return_ids, ids as well)."""
-    check_generation_settings(max_new_tokens, do_sample, temperature, top_k, top_p)
     batch = processor(text=prompts, images=images)
     ids = generate_ids(
         model, batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["token_type_ids"],

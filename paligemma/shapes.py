@@ -30,7 +30,6 @@ COLORS = {
 KINDS = ("circle", "square", "triangle")
 TASKS = ("caption", "color", "count", "detect")
 TASK_WEIGHTS = (0.3, 0.2, 0.15, 0.35)  # detection, the hardest to learn, is asked most often
-NUMBER_WORDS = {1: "1", 2: "2", 3: "3"}
 
 
 @dataclass(frozen=True)
@@ -131,11 +130,11 @@ def make_example(rng: random.Random, size: int = 112, task: str | None = None) -
     if task == "caption":
         return Example(scene, task, "caption en", caption(scene))
     if task == "count":
-        return Example(scene, task, "answer en how many shapes are there?", NUMBER_WORDS[len(scene.shapes)])
+        return Example(scene, task, "answer en how many shapes are there?", str(len(scene.shapes)))
     if task == "color":
         single = [k for k in KINDS if kinds.count(k) == 1]
         if not single:  # every kind present appears twice or more: ask something else about this scene
-            return Example(scene, "count", "answer en how many shapes are there?", NUMBER_WORDS[len(scene.shapes)])
+            return Example(scene, "count", "answer en how many shapes are there?", str(len(scene.shapes)))
         kind = rng.choice(single)
         color = next(s.color for s in scene.shapes if s.kind == kind)
         return Example(scene, task, f"answer en what color is the {kind}?", color, subject=kind)
@@ -143,13 +142,6 @@ def make_example(rng: random.Random, size: int = 112, task: str | None = None) -
         kind = rng.choice(sorted(set(kinds)))
         return Example(scene, task, f"detect {kind}", detection_answer(scene, kind), subject=kind)
     raise ValueError(f"unknown task {task!r}; choose from {TASKS}")
-
-
-def example_stream(seed: int, size: int = 112):
-    """An endless, reproducible stream of examples."""
-    rng = random.Random(seed)
-    while True:
-        yield make_example(rng, size)
 
 
 def make_dataset(seed: int, count: int, size: int = 112, task: str | None = None) -> list[Example]:

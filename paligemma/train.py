@@ -228,13 +228,14 @@ def train(out: str | Path, settings: TrainSettings, log=print) -> dict:
     held_out = shapes.make_dataset(HELD_OUT_SEED, settings.eval_examples, settings.image_size)
     started = time.monotonic()
     first_step = step
+    autocast = dict(device_type=torch.device(settings.device).type, dtype=torch.bfloat16,
+                    enabled=settings.precision == "bf16")
     while step < settings.steps:
         lr = learning_rate_at(step, settings)
         for group in optimizer.param_groups:
             group["lr"] = lr
         examples = [shapes.make_example(rng, settings.image_size) for _ in range(settings.batch_size)]
-        device_type = torch.device(settings.device).type
-        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=settings.precision == "bf16"):
+        with torch.autocast(**autocast):
             loss = model(**training_batch(processor, examples, settings.device), return_logits=False).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
