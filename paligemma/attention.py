@@ -29,6 +29,11 @@ def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     )
 
 
+def soft_cap(x: torch.Tensor, cap: float) -> torch.Tensor:
+    """cap * tanh(x / cap): close to x while |x| is small against cap, never beyond +-cap (Gemma 2)."""
+    return torch.tanh(x / cap) * cap
+
+
 def attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -37,21 +42,26 @@ def attention(
     scale: float,
     implementation: str = "sdpa",
     return_weights: bool = False,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """softmax(q k^T * scale + mask) v, with the softmax in float32.
 
     query: [batch, heads, q_len, head_dim]; key, value: [batch, kv_heads, k_len, head_dim], where kv_heads
     divides heads (grouped-query attention); mask: additive, broadcastable to [batch, heads, q_len, k_len].
+    With `softcap` (Gemma 2), the scaled scores are squashed to (-softcap, softcap) before the mask is added;
+    PyTorch's fused kernel cannot do that, so soft-capped attention always takes the eager path.
     Returns the output [batch, q_len, heads, head_dim] and, when asked, the weights [batch, heads, q_len, k_len].
     """
     groups = query.shape[1] // key.shape[1]
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
-    if implementation == "sdpa" and not return_weights:
+    if implementation == "sdpa" and not return_weights and softcap is None:
         output = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale)
         return output.transpose(1, 2), None  # [b, q_len, heads, d]
     if implementation not in ("sdpa", "eager"):
         raise ValueError(f"unknown attention implementation {implementation!r}: use 'sdpa' or 'eager'")
     scores = torch.matmul(query, key.transpose(2, 3)) * scale  # [b, heads, q_len, k_len]
+    if softcap is not None:
+        scores = soft_cap(scores, softcap)
     if mask is not None:
         scores = scores + mask
     weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)

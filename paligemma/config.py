@@ -140,10 +140,96 @@ class GemmaConfig:
             values["eos_token_id"] = values["eos_token_id"][0]
         return cls(**_known_fields(cls, values))
 
+    model_type = "gemma"
+
+    @property
+    def layer_sliding_windows(self) -> list[int | None]:
+        """Per layer, how far back a token may look (None: the whole sequence). Gemma attends globally everywhere."""
+        return [None] * self.num_hidden_layers
+
     def to_dict(self) -> dict[str, Any]:
         values = dataclasses.asdict(self)
         values["rope_parameters"] = {"rope_type": "default", "rope_theta": values.pop("rope_theta")}
-        return {"model_type": "gemma", **values}
+        return {"model_type": self.model_type, **values}
+
+
+SLIDING, FULL = "sliding_attention", "full_attention"
+
+
+@dataclass
+class Gemma2Config(GemmaConfig):
+    """The Gemma 2 decoder (PaliGemma 2). Defaults are those of `transformers`' `Gemma2Config` (Gemma 2 2B).
+
+    What Gemma 2 adds: two more RMSNorms per layer (after attention and around the MLP), attention scores
+    soft-capped by `attn_logit_softcapping` before the mask, output logits soft-capped by
+    `final_logit_softcapping`, the attention scale query_pre_attn_scalar^-0.5 instead of head_dim^-0.5, and
+    a sliding window of `sliding_window` tokens on the layers `layer_types` marks "sliding_attention"
+    (by default every other one, starting with the first).
+    """
+
+    vocab_size: int = 256000
+    hidden_size: int = 2304
+    intermediate_size: int = 9216
+    num_hidden_layers: int = 26
+    num_attention_heads: int = 8
+    num_key_value_heads: int = 4
+    head_dim: int = 256
+    query_pre_attn_scalar: float = 256
+    sliding_window: int | None = 4096
+    layer_types: list[str] | None = None
+    final_logit_softcapping: float | None = 30.0
+    attn_logit_softcapping: float | None = 50.0
+
+    model_type = "gemma2"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.layer_types is None:
+            self.layer_types = [SLIDING if i % 2 == 0 else FULL for i in range(self.num_hidden_layers)]
+        self.layer_types = list(self.layer_types)
+        if len(self.layer_types) != self.num_hidden_layers or not set(self.layer_types) <= {SLIDING, FULL}:
+            raise PaliGemmaError(
+                f"layer_types must name {SLIDING!r} or {FULL!r} for each of the {self.num_hidden_layers} layers, "
+                f"got {self.layer_types!r}"
+            )
+        if self.sliding_window is not None:
+            _check_positive(self, "sliding_window")
+        for name, optional in (("query_pre_attn_scalar", False), ("final_logit_softcapping", True),
+                               ("attn_logit_softcapping", True)):
+            value = getattr(self, name)
+            if value is None and optional:  # no soft-capping
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise PaliGemmaError(f"Gemma2Config.{name} must be a positive number, got {value!r}")
+
+    @property
+    def layer_sliding_windows(self) -> list[int | None]:
+        return [self.sliding_window if kind == SLIDING else None for kind in self.layer_types]
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "Gemma2Config":
+        values = dict(values)
+        # transformers' Gemma2Config reads only `hidden_activation`; a stray `hidden_act` in the file is ignored.
+        values.pop("hidden_act", None)
+        return super().from_dict(values)
+
+    def to_dict(self) -> dict[str, Any]:
+        values = super().to_dict()
+        values["hidden_activation"] = values.pop("hidden_act")  # Gemma 2's name for it
+        return values
+
+
+TEXT_CONFIGS: dict[str, type[GemmaConfig]] = {"gemma": GemmaConfig, "gemma2": Gemma2Config}
+
+
+def text_config_from_dict(values: dict[str, Any]) -> GemmaConfig:
+    """A `text_config` section -> GemmaConfig or Gemma2Config, as its `model_type` says (Gemma when it says nothing)."""
+    model_type = values.get("model_type") or "gemma"
+    if model_type not in TEXT_CONFIGS:
+        raise PaliGemmaError(
+            f"unsupported text model type {model_type!r} (this version reads {', '.join(map(repr, TEXT_CONFIGS))})"
+        )
+    return TEXT_CONFIGS[model_type].from_dict(values)
 
 
 @dataclass
@@ -167,7 +253,7 @@ class PaliGemmaConfig:
         if self.text_config is None:
             self.text_config = GemmaConfig(**_DEFAULT_TEXT)
         elif isinstance(self.text_config, dict):
-            self.text_config = GemmaConfig.from_dict(self.text_config)
+            self.text_config = text_config_from_dict(self.text_config)
         _check_positive(self, "projection_dim")
         if not isinstance(self.image_token_index, int) or self.image_token_index < 0:
             raise PaliGemmaError(f"image_token_index must be a non-negative integer, got {self.image_token_index!r}")
@@ -192,10 +278,6 @@ class PaliGemmaConfig:
         if values.get("model_type", "paligemma") != "paligemma":
             raise PaliGemmaError(f"config.json describes a {values['model_type']!r} model, not 'paligemma'")
         values = dict(values)
-        text = values.get("text_config")
-        text_model_type = (text or {}).get("model_type", "gemma")
-        if text_model_type != "gemma":
-            raise PaliGemmaError(f"unsupported text model type {text_model_type!r} (this version reads 'gemma')")
         # Older files carry `torch_dtype`; current ones `dtype`.
         values["dtype"] = values.get("dtype") or values.get("torch_dtype")
         return cls(**_known_fields(cls, values))

@@ -78,6 +78,8 @@ class GemmaAttention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
         self.implementation = "sdpa"
+        self.softcap: float | None = None  # Gemma 2 soft-caps the scores; Gemma does not
+        self.sliding_window: int | None = None  # Gemma 2 limits every other layer to a window; Gemma does not
 
     def forward(
         self,
@@ -94,8 +96,13 @@ class GemmaAttention(nn.Module):
         cos, sin = rotary
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v)  # now [b, kv, past + s, d]
-        out, weights = attention(q, k, v, mask, self.scale, self.implementation, return_weights)
+            if self.sliding_window is None:
+                k, v = cache.update(self.layer_idx, k, v)  # now [b, kv, past + s, d]
+            else:  # a sliding layer's cache may hand back only the most recent positions
+                k, v = cache.update(self.layer_idx, k, v, sliding_window=self.sliding_window)
+        if mask is not None and mask.shape[-1] > k.shape[2]:
+            mask = mask[..., -k.shape[2]:]  # the mask covers every position so far; keep those of the keys we have
+        out, weights = attention(q, k, v, mask, self.scale, self.implementation, return_weights, self.softcap)
         out = out.reshape(batch, length, -1)  # [b, s, h, d] -> [b, s, h * d]
         return self.o_proj(out), weights
 
@@ -116,6 +123,8 @@ class GemmaMLP(nn.Module):
 
 class GemmaDecoderLayer(nn.Module):
     """x + attention(RMSNorm(x)), then x + MLP(RMSNorm(x))."""
+
+    attention_type = "full_attention"  # which mask the layer takes when the model builds one per kind of layer
 
     def __init__(self, config: GemmaConfig, layer_idx: int) -> None:
         super().__init__()
@@ -141,11 +150,13 @@ class GemmaDecoderLayer(nn.Module):
 class GemmaLanguageModel(nn.Module):
     """The decoder stack with its embedding table, which doubles as the output head."""
 
+    layer_class: type[nn.Module] = GemmaDecoderLayer
+
     def __init__(self, config: GemmaConfig) -> None:
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(GemmaDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(self.layer_class(config, i) for i in range(config.num_hidden_layers))
         self.norm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = GemmaRotaryEmbedding(config.head_dim, config.rope_theta)
         self.lm_head = (
@@ -161,16 +172,21 @@ class GemmaLanguageModel(nn.Module):
         self,
         inputs_embeds: torch.Tensor,
         position_ids: torch.Tensor,
-        mask: torch.Tensor | None,
+        mask: torch.Tensor | dict[str, torch.Tensor] | None,
         cache: KVCache | None = None,
         return_attentions: bool = False,
     ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
-        """inputs_embeds [b, s, d] -> final normalised hidden states [b, s, d] (and per-layer attention weights)."""
+        """inputs_embeds [b, s, d] -> final normalised hidden states [b, s, d] (and per-layer attention weights).
+
+        `mask` is one additive mask for every layer, or a dict with one per kind of layer ("full_attention",
+        "sliding_attention"), as Gemma 2 needs.
+        """
         rotary = self.rotary(position_ids, inputs_embeds.dtype)
         x = inputs_embeds
         attentions = []
         for layer in self.layers:
-            x, weights = layer(x, rotary, mask, cache, return_attentions)
+            layer_mask = mask[layer.attention_type] if isinstance(mask, dict) else mask
+            x, weights = layer(x, rotary, layer_mask, cache, return_attentions)
             attentions.append(weights)
         return self.norm(x), attentions
 

@@ -113,6 +113,7 @@ def generate_ids(
         cache = StaticCache(
             text_config.num_hidden_layers, batch, text_config.num_key_value_heads, text_config.head_dim,
             prompt_length + max_new_tokens, dtype=model.dtype, device=device,
+            sliding_windows=text_config.layer_sliding_windows,
         )
     elif not isinstance(cache, KVCache):
         raise PaliGemmaError(f"cache must be 'dynamic', 'static' or a KVCache, got {cache!r}")

@@ -7,6 +7,7 @@
     text  -> token embeddings * sqrt(d) ─┘
 
 The prefix (image, `<bos>`, prompt, `\\n`) attends to itself in both directions; the suffix (the answer) is causal.
+The language model is Gemma (PaliGemma) or Gemma 2 (PaliGemma 2), as the config's `text_config` says.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from torch import nn
 from .attention import additive_mask
 from .config import PaliGemmaConfig
 from .errors import PaliGemmaError
-from .gemma import GemmaLanguageModel
+from .gemma2 import build_language_model
 from .kv_cache import KVCache
 from .siglip import SiglipVisionModel
 
@@ -57,20 +58,28 @@ class PaliGemmaMultiModalProjector(nn.Module):
 
 
 def prefix_lm_mask(
-    attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None, past_length: int = 0
+    attention_mask: torch.Tensor,
+    token_type_ids: torch.Tensor | None,
+    past_length: int = 0,
+    sliding_window: int | None = None,
 ) -> torch.Tensor:
     """Which positions each new token may attend to: bool [b, 1, new, past + new].
 
     attention_mask [b, past + new]: 1 for real tokens, 0 for padding, which nobody attends to.
     token_type_ids [b, new]: 0 for the prefix, whose tokens all see one another, 1 for the suffix, which is causal.
     They only apply to a first pass (past_length 0); tokens decoded later are suffix tokens.
+    sliding_window (Gemma 2's sliding layers): a causal look-back reaches only the last `sliding_window`
+    positions, the token's own included; the prefix still sees the whole prefix, as in the reference.
     """
     batch, total = attention_mask.shape
     new = total - past_length
     device = attention_mask.device
     query_pos = torch.arange(past_length, total, device=device)[:, None]  # [new, 1]
     key_pos = torch.arange(total, device=device)[None, :]  # [1, total]
-    allowed = (key_pos <= query_pos)[None].expand(batch, new, total)  # causal: [b, new, total]
+    causal = key_pos <= query_pos
+    if sliding_window is not None:
+        causal = causal & (key_pos > query_pos - sliding_window)
+    allowed = causal[None].expand(batch, new, total)  # [b, new, total]
     if token_type_ids is not None and past_length == 0:
         prefix = token_type_ids == 0  # [b, new]
         allowed = allowed | (prefix[:, :, None] & prefix[:, None, :])  # prefix tokens see the whole prefix
@@ -86,7 +95,7 @@ class PaliGemmaForConditionalGeneration(nn.Module):
         self.config = config
         self.vision_tower = SiglipVisionModel(config.vision_config)
         self.multi_modal_projector = PaliGemmaMultiModalProjector(config)
-        self.language_model = GemmaLanguageModel(config.text_config)
+        self.language_model = build_language_model(config.text_config)
 
     @property
     def device(self) -> torch.device:
@@ -124,8 +133,8 @@ class PaliGemmaForConditionalGeneration(nn.Module):
         """Token embeddings with the image features written, unscaled and in order, over the `<image>` positions."""
         image_positions = input_ids == self.config.image_token_index  # [b, s]
         token_ids = input_ids
-        if not self.config.image_token_in_vocab:  # PaliGemma 2: the id has no row; embed pad, overwritten below
-            token_ids = input_ids.masked_fill(image_positions, self.config.text_config.pad_token_id)
+        if not self.config.image_token_in_vocab:  # PaliGemma 2: the id has no row; embed id 0, overwritten below
+            token_ids = input_ids.masked_fill(image_positions, 0)  # 0 (pad) as the reference does
         embeds = self.language_model.embed(token_ids)  # [b, s, d]
         if image_features is None:
             if image_positions.any():
@@ -186,7 +195,7 @@ class PaliGemmaForConditionalGeneration(nn.Module):
         if pixel_values is not None:
             image_features, vision_attentions = self.get_image_features(pixel_values, return_attentions)
         embeds = self.embed_inputs(input_ids, image_features)
-        mask = additive_mask(prefix_lm_mask(attention_mask, token_type_ids, past_length), embeds.dtype)
+        mask = self.attention_masks(attention_mask, token_type_ids, past_length, embeds.dtype)
         hidden, text_attentions = self.language_model(embeds, position_ids, mask, kv_cache, return_attentions)
         if logits_to_keep > 0:
             hidden = hidden[:, -logits_to_keep:]
@@ -214,6 +223,18 @@ class PaliGemmaForConditionalGeneration(nn.Module):
             vision_attentions=vision_attentions if return_attentions else None,
             text_attentions=text_attentions if return_attentions else None,
         )
+
+    def attention_masks(
+        self, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None, past_length: int, dtype: torch.dtype
+    ) -> torch.Tensor | dict[str, torch.Tensor]:
+        """The additive prefix-LM mask; for a decoder with sliding layers (Gemma 2), one per kind of layer."""
+        full = additive_mask(prefix_lm_mask(attention_mask, token_type_ids, past_length), dtype)
+        windows = {w for w in self.config.text_config.layer_sliding_windows if w is not None}
+        if not windows:
+            return full
+        (window,) = windows  # one window size for all sliding layers
+        sliding = prefix_lm_mask(attention_mask, token_type_ids, past_length, sliding_window=window)
+        return {"full_attention": full, "sliding_attention": additive_mask(sliding, dtype)}
 
     def num_parameters(self) -> int:
         """Parameters counted once each (the tied output head shares the embedding table)."""
