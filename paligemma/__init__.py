@@ -6,7 +6,7 @@
 """
 
 from .checkpoint import load_model, load_pretrained, save_pretrained
-from .config import GemmaConfig, PaliGemmaConfig, SiglipVisionConfig
+from .config import Gemma2Config, GemmaConfig, PaliGemmaConfig, SiglipVisionConfig
 from .errors import PaliGemmaError
 from .generation import GenerationOutput, generate, generate_ids
 from .kv_cache import DynamicCache, KVCache, StaticCache
@@ -17,6 +17,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DynamicCache",
+    "Gemma2Config",
     "GemmaConfig",
     "GemmaTokenizer",
     "GenerationOutput",
