@@ -1,0 +1,345 @@
+"""Drawing attention maps (matplotlib), and an ipywidgets explorer for a live kernel.
+
+A map is one value per patch, [grid, grid]. `upsample` turns it into one value per pixel, each patch a block of
+exactly the pixels it was cut from, so the heat lies on the image with the patch grid aligned to the pixels.
+The figures work for any grid: 8 x 8 for tiny-shapes, 16, 32 or 64 a side for PaliGemma at 224, 448, 896 pixels.
+
+- `show_map`: one map over the image;
+- `plot_heads`: a layers x heads grid of maps;
+- `plot_tokens`: a strip with one map per generated token ("where it looked when it said *red*");
+- `render` and `AttentionExplorer`: the interactive view (image, prompt, view, layer, head, token).
+"""
+
+from __future__ import annotations
+
+import math
+import textwrap
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .attention_maps import AttentionMaps, Reduction, attention_maps, grid_side
+from .errors import PaliGemmaError
+
+CMAP = "inferno"
+
+
+def _as_array(values: torch.Tensor | np.ndarray) -> np.ndarray:
+    array = values.detach().float().cpu().numpy() if isinstance(values, torch.Tensor) else np.asarray(values, float)
+    if array.ndim == 1:
+        array = array.reshape(grid_side(array.shape[0]), -1)  # [P] -> [grid, grid]
+    if array.ndim != 2 or array.shape[0] != array.shape[1]:
+        raise PaliGemmaError(f"a map must be [grid, grid] or [patches], got shape {list(array.shape)}")
+    return array
+
+
+def upsample(values: torch.Tensor | np.ndarray, height: int, width: int | None = None) -> np.ndarray:
+    """[grid, grid] -> [height, width]: pixel (y, x) takes the value of the patch it lies in.
+
+    Pixel row y lies in patch row floor(y * grid / height), and likewise for columns: with height = grid * patch
+    size, each patch becomes exactly the block of pixels it was cut from.
+    """
+    array = _as_array(values)
+    width = height if width is None else width
+    grid = array.shape[0]
+    rows = np.arange(height) * grid // height  # [height]: the patch row of each pixel row
+    columns = np.arange(width) * grid // width
+    return array[rows[:, None], columns[None, :]]
+
+
+def _image_array(image: Image.Image | np.ndarray | None, size: int) -> np.ndarray:
+    if image is None:  # no image: a neutral grey square
+        return np.full((size, size, 3), 0.5)
+    if isinstance(image, Image.Image):
+        return np.asarray(image.convert("RGB"))
+    return np.asarray(image)
+
+
+def show_map(
+    values: torch.Tensor | np.ndarray,
+    image: Image.Image | np.ndarray | None = None,
+    ax: Any = None,
+    title: str | None = None,
+    alpha: float = 0.6,
+    cmap: str = CMAP,
+    vmax: float | None = None,
+    grid_lines: bool = False,
+    mark: int | tuple[int, int] | None = None,
+) -> Any:
+    """Draw a map over an image (dimmed to grey, so the colours of the map read): returns the matplotlib axes.
+
+    The map is upsampled to the image's pixels, so each patch covers exactly its own pixels. `vmax` fixes the
+    top of the colour scale (default: this map's maximum; the bottom is 0); `grid_lines` draws the patch
+    boundaries; `mark` outlines one patch (an index, or (row, column)), e.g. the query of a SigLIP map.
+    """
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    array = _as_array(values)
+    grid = array.shape[0]
+    picture = _image_array(image, grid * 14)
+    height, width = picture.shape[:2]
+    if ax is None:
+        ax = plt.subplots(figsize=(4, 4))[1]
+    grey = picture.astype(float).mean(-1) if picture.ndim == 3 else picture.astype(float)
+    ax.imshow(grey, cmap="gray", extent=(0, width, height, 0), interpolation="nearest")
+    top = float(array.max()) if vmax is None else vmax
+    heat = upsample(array, height, width)
+    ax.imshow(heat, cmap=cmap, alpha=alpha, vmin=0.0, vmax=top if top > 0 else 1.0, extent=(0, width, height, 0),
+              interpolation="nearest")
+    if grid_lines:
+        for k in range(1, grid):
+            ax.axhline(k * height / grid, color="white", lw=0.3, alpha=0.5)
+            ax.axvline(k * width / grid, color="white", lw=0.3, alpha=0.5)
+    if mark is not None:
+        row, column = divmod(mark, grid) if isinstance(mark, int) else mark
+        ax.add_patch(Rectangle((column * width / grid, row * height / grid), width / grid, height / grid,
+                               fill=False, edgecolor="cyan", lw=1.5))
+    ax.set_xlim(0, width)
+    ax.set_ylim(height, 0)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if title:
+        ax.set_title(title, fontsize=9)
+    return ax
+
+
+def plot_heads(
+    weights: torch.Tensor,
+    image: Image.Image | np.ndarray | None = None,
+    layers: Sequence[int] | None = None,
+    title: str | None = None,
+    shared_scale: bool = False,
+    cell: float = 1.3,
+) -> Any:
+    """A grid of maps, one row per layer and one column per head: weights [layers, heads, patches] (or
+    [layers, heads, grid, grid]). `layers` picks rows (default all); `shared_scale` puts every map on one colour
+    scale (so weak heads look weak) instead of each on its own."""
+    import matplotlib.pyplot as plt
+
+    if weights.dim() == 4:
+        weights = weights.flatten(2)  # [layers, heads, grid, grid] -> [layers, heads, P]
+    if weights.dim() != 3:
+        raise PaliGemmaError(f"plot_heads needs weights [layers, heads, patches], got shape {list(weights.shape)}")
+    count, heads = weights.shape[:2]
+    rows = list(range(count)) if layers is None else list(layers)
+    for layer in rows:
+        if isinstance(layer, bool) or not isinstance(layer, int) or not -count <= layer < count:
+            raise PaliGemmaError(f"layer {layer!r} is out of range: there are {count} (0 to {count - 1})")
+    vmax = float(weights[rows].max()) if shared_scale else None
+    fig, axes = plt.subplots(len(rows), heads, figsize=(cell * heads + 0.6, cell * len(rows) + 0.5), squeeze=False)
+    for r, layer in enumerate(rows):
+        for head in range(heads):
+            ax = axes[r, head]
+            show_map(weights[layer, head], image, ax=ax, vmax=vmax)
+            if r == 0:
+                ax.set_title(f"head {head}", fontsize=8)
+            if head == 0:
+                ax.set_ylabel(f"layer {layer % count}", fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plot_tokens(
+    maps: AttentionMaps,
+    layers: Reduction = -1,
+    heads: Reduction = "mean",
+    steps: Sequence[int] | None = None,
+    through_vision: bool = False,
+    columns: int = 8,
+    cell: float = 1.8,
+) -> Any:
+    """One map per generated token, titled by the token: where the model looked when it said each word.
+
+    Map t is the attention of the query that predicted token t (see `attention_maps`), `layers` and `heads`
+    aggregated; `through_vision` carries it back through SigLIP to input patches (rollout)."""
+    import matplotlib.pyplot as plt
+
+    steps = list(range(len(maps.token_ids))) if steps is None else list(steps)
+    if not steps:
+        raise PaliGemmaError("no generated tokens to draw")
+    columns = min(columns, len(steps))
+    rows = math.ceil(len(steps) / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(cell * columns, (cell + 0.35) * rows), squeeze=False)
+    for ax in axes.flat[len(steps):]:
+        ax.axis("off")
+    for ax, step in zip(axes.flat, steps):
+        draw = maps.token_map_through_vision if through_vision else maps.token_map
+        values = draw(step, layers, heads)
+        show_map(values, maps.image, ax=ax, title=repr(maps.tokens[step]))
+    fig.suptitle(f"{maps.prompt_text!r} -> {maps.text!r}   (layer {layers}, heads {heads})", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+# --- The explorer ---------------------------------------------------------------------------------------------
+
+VIEWS = (
+    "generated token -> image",
+    "generated token -> image, through SigLIP",
+    "prompt token -> image",
+    "SigLIP: one patch's attention",
+    "SigLIP: rollout",
+)
+
+
+def view_counts(maps: AttentionMaps, view: str) -> tuple[int, int, int]:
+    """(layers, heads, items to choose from) for a view: the decoder's or SigLIP's sizes, and tokens or patches."""
+    if view not in VIEWS:
+        raise PaliGemmaError(f"unknown view {view!r}: choose from {', '.join(VIEWS)}")
+    if view.startswith("SigLIP"):
+        layers, heads = maps.vision.shape[:2]
+        return layers, heads, maps.grid**2
+    layers, heads = maps.generated_rows.shape[1:3]
+    return layers, heads, len(maps.prompt_tokens) if view.startswith("prompt") else len(maps.token_ids)
+
+
+def item_labels(maps: AttentionMaps, view: str) -> list[str]:
+    """What the item chooser lists in a view: generated tokens, prompt tokens, or patches as (row, column)."""
+    if view.startswith("SigLIP: one"):
+        return [f"patch ({i // maps.grid}, {i % maps.grid})" for i in range(maps.grid**2)]
+    if view.startswith("SigLIP"):
+        return ["(all patches)"]
+    tokens = maps.prompt_tokens if view.startswith("prompt") else maps.tokens
+    return [f"{i}: {token!r}" for i, token in enumerate(tokens)]
+
+
+def render(
+    maps: AttentionMaps, view: str = VIEWS[0], layers: Reduction = -1, heads: Reduction = "mean", item: int = 0
+) -> Any:
+    """The explorer's figure: the chosen map over the image, and beside it every head of the chosen layer
+    (or of the last layer, when layers are aggregated)."""
+    import matplotlib.pyplot as plt
+
+    layer_count, head_count, items = view_counts(maps, view)
+    if isinstance(item, bool) or not isinstance(item, int) or not 0 <= item < items:
+        raise PaliGemmaError(f"item {item!r} is out of range for {view!r}: there are {items}")
+    labels = item_labels(maps, view)
+    label = labels[min(item, len(labels) - 1)]  # the rollout view has one label for all patches
+    if view == VIEWS[0]:
+        main, per_head = maps.token_map(item, layers, heads), maps.generated[item]
+    elif view == VIEWS[1]:
+        main, per_head = maps.token_map_through_vision(item, layers, heads), maps.generated[item] @ maps.rollout()
+    elif view == VIEWS[2]:
+        main, per_head = maps.prompt_map(item, layers, heads), maps.prompt[item]
+    elif view == VIEWS[3]:
+        main, per_head = maps.patch_map(item, layers, heads), maps.vision[:, :, item]
+    else:
+        main, per_head = maps.rollout_map(heads=heads), None
+    fig = plt.figure(figsize=(10, 4.2))
+    ax = fig.add_axes((0.01, 0.04, 0.38, 0.8))
+    show_map(main, maps.image, ax=ax, mark=item if view == VIEWS[3] else None)
+    ax.set_title("\n".join(textwrap.wrap(f"{label} (layer {layers}, heads {heads})", 48)), fontsize=9)
+    if per_head is not None:
+        layer = layers if isinstance(layers, int) else -1
+        if not -layer_count <= layer < layer_count:
+            raise PaliGemmaError(f"layer {layer} is out of range: there are {layer_count}")
+        columns = min(head_count, 4)
+        rows = math.ceil(head_count / columns)
+        for head in range(head_count):
+            r, c = divmod(head, columns)
+            width, height = 0.58 / columns, 0.84 / rows
+            sub = fig.add_axes((0.41 + c * width, 0.92 - (r + 1) * height, width * 0.94, height * 0.8))
+            show_map(per_head[layer, head], maps.image, ax=sub, title=f"layer {layer % layer_count}, head {head}",
+                     mark=item if view == VIEWS[3] else None)
+    fig.suptitle(f"{maps.prompt_text!r} -> {maps.text!r}", fontsize=10)
+    return fig
+
+
+class AttentionExplorer:
+    """Pick an image, a prompt, a view, a layer, a head (or an aggregation) and a token; the map follows.
+
+    Needs ipywidgets and a live kernel; each (image, prompt) pair is captured once and kept. Display it by
+    leaving it as the last expression of a cell.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        processor: Any,
+        images: Mapping[str, Any],
+        prompts: Sequence[str],
+        max_new_tokens: int = 8,
+    ) -> None:
+        import ipywidgets as widgets
+
+        if not images or not prompts:
+            raise PaliGemmaError("the explorer needs at least one image and one prompt")
+        self.model, self.processor, self.images = model, processor, dict(images)
+        self.max_new_tokens = max_new_tokens
+        self._captured: dict[tuple[str, str], AttentionMaps] = {}
+        self.figure: Any = None
+        self.image = widgets.Dropdown(options=list(self.images), description="image")
+        self.prompt = widgets.Combobox(options=list(prompts), value=prompts[0], description="prompt",
+                                       ensure_option=False, continuous_update=False)
+        self.view = widgets.Dropdown(options=list(VIEWS), description="view")
+        self.layer = widgets.Dropdown(description="layer")
+        self.head = widgets.Dropdown(description="head")
+        self.item = widgets.Dropdown(description="token")
+        self.output = widgets.Output()
+        self._updating = False
+        self._refresh_choices()
+        for control in (self.image, self.prompt, self.view):
+            control.observe(self._on_input, names="value")
+        for control in (self.layer, self.head, self.item):
+            control.observe(self._on_choice, names="value")
+        controls = widgets.VBox([self.image, self.prompt, self.view, self.layer, self.head, self.item])
+        self.widget = widgets.HBox([controls, self.output])
+        self.update()
+
+    def maps(self) -> AttentionMaps:
+        """The captured maps of the chosen image and prompt (captured on first use)."""
+        key = (self.image.value, self.prompt.value)
+        if key not in self._captured:
+            self._captured[key] = attention_maps(self.model, self.processor, self.images[key[0]], key[1],
+                                                 max_new_tokens=self.max_new_tokens)
+        return self._captured[key]
+
+    def _refresh_choices(self) -> None:
+        """Layer, head and item lists follow the view (SigLIP and Gemma differ) and the captured tokens."""
+        maps = self.maps()
+        layers, heads, _ = view_counts(maps, self.view.value)
+        self._updating = True
+        try:
+            keep = (self.layer.value, self.head.value)
+            self.layer.options = [("last", -1), ("mean", "mean"), ("max", "max")] + [(str(i), i) for i in range(layers)]
+            self.head.options = [("mean", "mean"), ("max", "max")] + [(str(i), i) for i in range(heads)]
+            self.layer.value = keep[0] if keep[0] in [v for _, v in self.layer.options] else -1
+            self.head.value = keep[1] if keep[1] in [v for _, v in self.head.options] else "mean"
+            labels = item_labels(maps, self.view.value)
+            self.item.options = [(label, i) for i, label in enumerate(labels)]
+            self.item.value = 0
+            self.item.description = "patch" if self.view.value.startswith("SigLIP") else "token"
+        finally:
+            self._updating = False
+
+    def _on_input(self, _change: Any) -> None:
+        self._refresh_choices()
+        self.update()
+
+    def _on_choice(self, _change: Any) -> None:
+        if not self._updating:
+            self.update()
+
+    def update(self) -> None:
+        """Redraw the figure for the current choices."""
+        import matplotlib.pyplot as plt
+
+        figure = render(self.maps(), self.view.value, self.layer.value, self.head.value, self.item.value)
+        self.figure = figure
+        self.output.clear_output(wait=True)
+        with self.output:
+            from IPython.display import display
+
+            display(figure)
+        plt.close(figure)  # shown once, inside the output area, not again by the inline backend
+
+    def _ipython_display_(self) -> None:
+        from IPython.display import display
+
+        display(self.widget)
