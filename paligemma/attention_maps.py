@@ -109,6 +109,22 @@ def rollout(vision: torch.Tensor, heads: Reduction = "mean", residual: float = 0
     return result.float()
 
 
+def attention_distance(vision: torch.Tensor) -> torch.Tensor:
+    """Mean attention distance, in patches: vision [layers, heads, P, P] -> [layers, heads].
+
+    For each query patch, the distance to every key patch (between centres) weighted by the attention it gets,
+    averaged over queries: small for heads that look around themselves, large for heads that look far
+    (the measure of Dosovitskiy et al., 2021, for ViT).
+    """
+    if vision.dim() != 4 or vision.shape[-1] != vision.shape[-2]:
+        raise PaliGemmaError(f"expected vision attention [layers, heads, P, P], got shape {list(vision.shape)}")
+    side = grid_side(vision.shape[-1])
+    rows, columns = torch.div(torch.arange(side * side), side, rounding_mode="floor"), torch.arange(side * side) % side
+    centres = torch.stack([rows, columns], -1).double()  # [P, 2]
+    distance = torch.cdist(centres, centres)  # [P, P]
+    return (vision.double().cpu() * distance).sum(-1).mean(-1).float()  # [layers, heads]
+
+
 def grid_side(patches: int) -> int:
     """The side of the square patch grid: 64 patches -> 8."""
     side = math.isqrt(patches)

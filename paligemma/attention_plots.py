@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .attention_maps import AttentionMaps, Reduction, attention_maps, grid_side
+from .attention_maps import AttentionMaps, Reduction, as_grid, attention_maps, grid_side
 from .errors import PaliGemmaError
 
 CMAP = "inferno"
@@ -63,33 +63,45 @@ def show_map(
     image: Image.Image | np.ndarray | None = None,
     ax: Any = None,
     title: str | None = None,
-    alpha: float = 0.6,
+    style: str = "spotlight",
+    alpha: float = 0.8,
     cmap: str = CMAP,
     vmax: float | None = None,
     grid_lines: bool = False,
     mark: int | tuple[int, int] | None = None,
 ) -> Any:
-    """Draw a map over an image (dimmed to grey, so the colours of the map read): returns the matplotlib axes.
+    """Draw a map over an image; returns the matplotlib axes.
 
-    The map is upsampled to the image's pixels, so each patch covers exactly its own pixels. `vmax` fixes the
-    top of the colour scale (default: this map's maximum; the bottom is 0); `grid_lines` draws the patch
+    The map is upsampled to the image's pixels, so each patch covers exactly its own pixels. `style` "spotlight"
+    darkens the image where the model does not look, keeping the colours where it does; "heat" lays the colour
+    map over the image, more opaque where the attention is higher (up to `alpha`). `vmax` fixes
+    the top of the scale (default: this map's maximum; the bottom is 0); `grid_lines` draws the patch
     boundaries; `mark` outlines one patch (an index, or (row, column)), e.g. the query of a SigLIP map.
     """
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
 
+    if style not in ("heat", "spotlight"):
+        raise PaliGemmaError(f"unknown style {style!r}: use 'heat' or 'spotlight'")
     array = _as_array(values)
     grid = array.shape[0]
     picture = _image_array(image, grid * 14)
+    if picture.ndim == 2:
+        picture = np.repeat(picture[..., None], 3, axis=-1)  # grey -> RGB
+    picture = picture[..., :3].astype(float) / (255.0 if picture.dtype == np.uint8 else 1.0)
     height, width = picture.shape[:2]
     if ax is None:
         ax = plt.subplots(figsize=(4, 4))[1]
-    grey = picture.astype(float).mean(-1) if picture.ndim == 3 else picture.astype(float)
-    ax.imshow(grey, cmap="gray", extent=(0, width, height, 0), interpolation="nearest")
     top = float(array.max()) if vmax is None else vmax
-    heat = upsample(array, height, width)
-    ax.imshow(heat, cmap=cmap, alpha=alpha, vmin=0.0, vmax=top if top > 0 else 1.0, extent=(0, width, height, 0),
-              interpolation="nearest")
+    level = np.clip(upsample(array, height, width) / (top if top > 0 else 1.0), 0.0, 1.0)  # [H, W] in [0, 1]
+    extent = (0, width, height, 0)
+    if style == "spotlight":
+        ax.imshow(picture * (0.12 + 0.88 * level[..., None]), extent=extent, interpolation="nearest")
+    else:
+        ax.imshow(picture, extent=extent, interpolation="nearest")
+        heat = plt.get_cmap(cmap)(level)  # [H, W, 4]
+        heat[..., 3] = alpha * level
+        ax.imshow(heat, extent=extent, interpolation="nearest")
     if grid_lines:
         for k in range(1, grid):
             ax.axhline(k * height / grid, color="white", lw=0.3, alpha=0.5)
@@ -114,6 +126,7 @@ def plot_heads(
     title: str | None = None,
     shared_scale: bool = False,
     cell: float = 1.3,
+    style: str = "spotlight",
 ) -> Any:
     """A grid of maps, one row per layer and one column per head: weights [layers, heads, patches] (or
     [layers, heads, grid, grid]). `layers` picks rows (default all); `shared_scale` puts every map on one colour
@@ -134,7 +147,7 @@ def plot_heads(
     for r, layer in enumerate(rows):
         for head in range(heads):
             ax = axes[r, head]
-            show_map(weights[layer, head], image, ax=ax, vmax=vmax)
+            show_map(weights[layer, head], image, ax=ax, vmax=vmax, style=style)
             if r == 0:
                 ax.set_title(f"head {head}", fontsize=8)
             if head == 0:
@@ -150,17 +163,24 @@ def plot_tokens(
     layers: Reduction = -1,
     heads: Reduction = "mean",
     steps: Sequence[int] | None = None,
+    source: str = "generated",
     through_vision: bool = False,
     columns: int = 8,
     cell: float = 1.8,
+    style: str = "spotlight",
 ) -> Any:
     """One map per generated token, titled by the token: where the model looked when it said each word.
 
     Map t is the attention of the query that predicted token t (see `attention_maps`), `layers` and `heads`
-    aggregated; `through_vision` carries it back through SigLIP to input patches (rollout)."""
+    aggregated; `through_vision` carries it back through SigLIP to input patches (rollout). With
+    source="prompt", one map per prompt token instead (`<bos>`, the prompt, `\\n`): where each word of the
+    question looks in the image. `steps` picks which tokens (default all)."""
     import matplotlib.pyplot as plt
 
-    steps = list(range(len(maps.token_ids))) if steps is None else list(steps)
+    if source not in ("generated", "prompt"):
+        raise PaliGemmaError(f"unknown source {source!r}: use 'generated' or 'prompt'")
+    tokens = maps.tokens if source == "generated" else maps.prompt_tokens
+    steps = list(range(len(tokens))) if steps is None else list(steps)
     if not steps:
         raise PaliGemmaError("no generated tokens to draw")
     columns = min(columns, len(steps))
@@ -169,9 +189,14 @@ def plot_tokens(
     for ax in axes.flat[len(steps):]:
         ax.axis("off")
     for ax, step in zip(axes.flat, steps):
-        draw = maps.token_map_through_vision if through_vision else maps.token_map
-        values = draw(step, layers, heads)
-        show_map(values, maps.image, ax=ax, title=repr(maps.tokens[step]))
+        if source == "prompt":
+            values = maps.prompt_map(step, layers, heads)
+            if through_vision:
+                values = as_grid(values.flatten() @ maps.rollout())
+        else:
+            draw = maps.token_map_through_vision if through_vision else maps.token_map
+            values = draw(step, layers, heads)
+        show_map(values, maps.image, ax=ax, title=repr(tokens[step]), style=style)
     fig.suptitle(f"{maps.prompt_text!r} -> {maps.text!r}   (layer {layers}, heads {heads})", fontsize=10)
     fig.tight_layout()
     return fig
@@ -210,7 +235,8 @@ def item_labels(maps: AttentionMaps, view: str) -> list[str]:
 
 
 def render(
-    maps: AttentionMaps, view: str = VIEWS[0], layers: Reduction = -1, heads: Reduction = "mean", item: int = 0
+    maps: AttentionMaps, view: str = VIEWS[0], layers: Reduction = -1, heads: Reduction = "mean", item: int = 0,
+    style: str = "spotlight",
 ) -> Any:
     """The explorer's figure: the chosen map over the image, and beside it every head of the chosen layer
     (or of the last layer, when layers are aggregated)."""
@@ -233,7 +259,7 @@ def render(
         main, per_head = maps.rollout_map(heads=heads), None
     fig = plt.figure(figsize=(10, 4.2))
     ax = fig.add_axes((0.01, 0.04, 0.38, 0.8))
-    show_map(main, maps.image, ax=ax, mark=item if view == VIEWS[3] else None)
+    show_map(main, maps.image, ax=ax, mark=item if view == VIEWS[3] else None, style=style)
     ax.set_title("\n".join(textwrap.wrap(f"{label} (layer {layers}, heads {heads})", 48)), fontsize=9)
     if per_head is not None:
         layer = layers if isinstance(layers, int) else -1
@@ -246,13 +272,13 @@ def render(
             width, height = 0.58 / columns, 0.84 / rows
             sub = fig.add_axes((0.41 + c * width, 0.92 - (r + 1) * height, width * 0.94, height * 0.8))
             show_map(per_head[layer, head], maps.image, ax=sub, title=f"layer {layer % layer_count}, head {head}",
-                     mark=item if view == VIEWS[3] else None)
+                     mark=item if view == VIEWS[3] else None, style=style)
     fig.suptitle(f"{maps.prompt_text!r} -> {maps.text!r}", fontsize=10)
     return fig
 
 
 class AttentionExplorer:
-    """Pick an image, a prompt, a view, a layer, a head (or an aggregation) and a token; the map follows.
+    """Pick an image, a prompt, a view, a layer, a head (or an aggregation), a token and a style; the map follows.
 
     Needs ipywidgets and a live kernel; each (image, prompt) pair is captured once and kept. Display it by
     leaving it as the last expression of a cell.
@@ -281,14 +307,15 @@ class AttentionExplorer:
         self.layer = widgets.Dropdown(description="layer")
         self.head = widgets.Dropdown(description="head")
         self.item = widgets.Dropdown(description="token")
+        self.style = widgets.Dropdown(options=["spotlight", "heat"], description="style")
         self.output = widgets.Output()
         self._updating = False
         self._refresh_choices()
         for control in (self.image, self.prompt, self.view):
             control.observe(self._on_input, names="value")
-        for control in (self.layer, self.head, self.item):
+        for control in (self.layer, self.head, self.item, self.style):
             control.observe(self._on_choice, names="value")
-        controls = widgets.VBox([self.image, self.prompt, self.view, self.layer, self.head, self.item])
+        controls = widgets.VBox([self.image, self.prompt, self.view, self.layer, self.head, self.item, self.style])
         self.widget = widgets.HBox([controls, self.output])
         self.update()
 
@@ -330,7 +357,8 @@ class AttentionExplorer:
         """Redraw the figure for the current choices."""
         import matplotlib.pyplot as plt
 
-        figure = render(self.maps(), self.view.value, self.layer.value, self.head.value, self.item.value)
+        figure = render(self.maps(), self.view.value, self.layer.value, self.head.value, self.item.value,
+                        self.style.value)
         self.figure = figure
         self.output.clear_output(wait=True)
         with self.output:

@@ -12,6 +12,7 @@ from paligemma.attention_maps import (
     LocalisationCase,
     aggregate,
     as_grid,
+    attention_distance,
     attention_maps,
     box_coverage,
     centres_inside,
@@ -219,6 +220,22 @@ def test_aggregation():
     assert as_grid(torch.arange(16.0)).tolist()[1] == [4.0, 5.0, 6.0, 7.0]  # row by row from the top left
 
 
+def test_attention_distance():
+    """Each patch looking at itself: distance 0; at its right-hand neighbour (last column: left): distance 1."""
+    grid = 4
+    own = torch.eye(16).expand(1, 2, 16, 16)
+    neighbour = torch.zeros(1, 1, 16, 16)
+    for patch in range(16):
+        neighbour[0, 0, patch, patch + 1 if patch % grid < grid - 1 else patch - 1] = 1.0
+    assert attention_distance(own).tolist() == [[0.0, 0.0]]
+    assert attention_distance(neighbour).tolist() == [[1.0]]
+    uniform = torch.full((1, 1, 16, 16), 1 / 16)
+    assert attention_distance(uniform).item() == pytest.approx(float(torch.cdist(*[torch.tensor(
+        [[r, c] for r in range(4) for c in range(4)], dtype=torch.float64)] * 2).mean()))
+    with pytest.raises(PaliGemmaError):
+        attention_distance(torch.ones(2, 2, 15, 15))
+
+
 def synthetic_maps(grid: int, layers: int = 2, heads: int = 3, steps: int = 3, seed: int = 0) -> AttentionMaps:
     """An AttentionMaps of random row-stochastic weights on a grid x grid image, as a real capture would give."""
     from PIL import Image
@@ -289,12 +306,14 @@ def test_plots_for_every_grid(grid):
             block = pixels[row * 14:(row + 1) * 14, column * 14:(column + 1) * 14]
             assert (block == values[row, column].item()).all()
     assert upsample(values, 100, 50).shape == (100, 50)
-    ax = show_map(values, maps.image, grid_lines=True, mark=(1, 2), title="one map")
-    assert ax.get_images()[1].get_array().shape == (grid * 14, grid * 14)
+    ax = show_map(values, maps.image, grid_lines=True, mark=(1, 2), title="one map", style="heat")
+    assert ax.get_images()[1].get_array().shape == (grid * 14, grid * 14, 4)  # the heat, one RGBA value per pixel
+    assert ax.get_images()[0].get_array().shape == (grid * 14, grid * 14, 3)
     assert ax.get_xlim() == (0.0, grid * 14.0)
     figures = [ax.figure, plot_heads(maps.generated[0], maps.image, title="heads"),
                plot_heads(maps.vision[:, :, 0], maps.image, layers=[-1], shared_scale=True),
-               plot_tokens(maps), plot_tokens(maps, layers="mean", heads="max", through_vision=True)]
+               plot_tokens(maps), plot_tokens(maps, layers="mean", heads="max", through_vision=True, style="heat"),
+               plot_tokens(maps, source="prompt", through_vision=True, steps=[0, 3])]
     figures += [render(maps, view, layers, heads, 1 if view != VIEWS[4] else 0)
                 for view, layers, heads in zip(VIEWS, (-1, "mean", 0, 1, -1), ("mean", "max", 2, "mean", 0))]
     assert figures[3].axes[0].get_title() == "'red'"
@@ -307,6 +326,14 @@ def test_plots_for_every_grid(grid):
         plot_heads(maps.generated[0], layers=[5])
     with pytest.raises(PaliGemmaError):
         show_map(torch.rand(3, 4))
+    with pytest.raises(PaliGemmaError):
+        show_map(values, style="glow")
+    with pytest.raises(PaliGemmaError):
+        plot_tokens(maps, source="image")
+    assert len(figures[5].axes) == 2 and figures[5].axes[1].get_title() == repr("\n")
+    spotlight = show_map(values, maps.image, style="spotlight")
+    assert len(spotlight.get_images()) == 1
+    plt.close("all")
 
 
 def test_explorer(mqa_checkpoint):
