@@ -15,6 +15,7 @@ import torch
 REPOSITORY = Path(__file__).resolve().parent.parent
 IMAGES = REPOSITORY / "images"
 REAL_WEIGHTS_ENV = "PALIGEMMA_REAL_WEIGHTS"
+VAE_WEIGHTS_ENV = "PALIGEMMA_VAE_WEIGHTS"
 
 
 def pick_device() -> torch.device:
@@ -57,6 +58,12 @@ def real_weights() -> Path | None:
     """The folder of a real PaliGemma checkpoint named by $PALIGEMMA_REAL_WEIGHTS, if the reader has one."""
     value = os.environ.get(REAL_WEIGHTS_ENV)
     return Path(value) if value and Path(value).is_dir() else None
+
+
+def vae_weights() -> Path | None:
+    """The real `vae-oid.npz` (PaliGemma's mask decoder) named by $PALIGEMMA_VAE_WEIGHTS, if the reader has it."""
+    value = os.environ.get(VAE_WEIGHTS_ENV)
+    return Path(value) if value and Path(value).is_file() else None
 
 
 def load_reference(name_or_path: str | Path = "tiny-shapes", device: torch.device | str = "cpu"):
