@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .attention_maps import AttentionMaps, Reduction, as_grid, attention_maps, grid_side
+from .attention_maps import AttentionMaps, Reduction, as_grid, attention_maps, grid_side, rollout_rows
 from .errors import PaliGemmaError
 
 CMAP = "inferno"
@@ -127,10 +127,11 @@ def plot_heads(
     shared_scale: bool = False,
     cell: float = 1.3,
     style: str = "spotlight",
+    mark: int | tuple[int, int] | None = None,
 ) -> Any:
     """A grid of maps, one row per layer and one column per head: weights [layers, heads, patches] (or
     [layers, heads, grid, grid]). `layers` picks rows (default all); `shared_scale` puts every map on one colour
-    scale (so weak heads look weak) instead of each on its own."""
+    scale (so weak heads look weak) instead of each on its own; `mark` outlines one patch in every map."""
     import matplotlib.pyplot as plt
 
     if weights.dim() == 4:
@@ -147,7 +148,7 @@ def plot_heads(
     for r, layer in enumerate(rows):
         for head in range(heads):
             ax = axes[r, head]
-            show_map(weights[layer, head], image, ax=ax, vmax=vmax, style=style)
+            show_map(weights[layer, head], image, ax=ax, vmax=vmax, style=style, mark=mark)
             if r == 0:
                 ax.set_title(f"head {head}", fontsize=8)
             if head == 0:
@@ -192,7 +193,7 @@ def plot_tokens(
         if source == "prompt":
             values = maps.prompt_map(step, layers, heads)
             if through_vision:
-                values = as_grid(values.flatten() @ maps.rollout())
+                values = as_grid(rollout_rows(maps.vision, values.flatten()))
         else:
             draw = maps.token_map_through_vision if through_vision else maps.token_map
             values = draw(step, layers, heads)
@@ -250,7 +251,8 @@ def render(
     if view == VIEWS[0]:
         main, per_head = maps.token_map(item, layers, heads), maps.generated[item]
     elif view == VIEWS[1]:
-        main, per_head = maps.token_map_through_vision(item, layers, heads), maps.generated[item] @ maps.rollout()
+        main = maps.token_map_through_vision(item, layers, heads)
+        per_head = rollout_rows(maps.vision, maps.generated[item])  # every decoder head, carried back
     elif view == VIEWS[2]:
         main, per_head = maps.prompt_map(item, layers, heads), maps.prompt[item]
     elif view == VIEWS[3]:

@@ -20,6 +20,7 @@ from paligemma.attention_maps import (
     localisation_score,
     main,
     rollout,
+    rollout_rows,
     score_localisation,
 )
 from paligemma.model import prefix_lm_mask
@@ -190,6 +191,9 @@ def test_rollout():
     maxed = [0.5 * torch.eye(16, dtype=torch.float64) + 0.5 * layer.amax(0) for layer in vision.double()]
     maxed = [m / m.sum(-1, keepdim=True) for m in maxed]
     assert_matches(rollout(vision, heads="max"), (maxed[2] @ maxed[1] @ maxed[0]).float(), **TOL)
+    rows = torch.rand(5, 16, generator=generator)
+    expected = rows @ rollout(vision, heads=1, residual=0.3)
+    assert_matches(rollout_rows(vision, rows, heads=1, residual=0.3), expected, **TOL)
     identity = torch.eye(16).expand(3, 2, 16, 16)
     assert_matches(rollout(identity), torch.eye(16), **TOL)
     with pytest.raises(PaliGemmaError):
@@ -236,14 +240,14 @@ def test_attention_distance():
         attention_distance(torch.ones(2, 2, 15, 15))
 
 
-def synthetic_maps(grid: int, layers: int = 2, heads: int = 3, steps: int = 3, seed: int = 0) -> AttentionMaps:
+def synthetic_maps(grid: int, layers: int = 2, heads: int = 3, steps: int = 3, vision_heads: int = 3) -> AttentionMaps:
     """An AttentionMaps of random row-stochastic weights on a grid x grid image, as a real capture would give."""
     from PIL import Image
 
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(0)
     patches, prompt = grid * grid, 4
     length = patches + prompt
-    vision = torch.rand(layers, heads, patches, patches, generator=generator).softmax(-1)
+    vision = torch.rand(layers, vision_heads, patches, patches, generator=generator).softmax(-1)
     prompt_rows = torch.rand(prompt, layers, heads, length, generator=generator).softmax(-1)
     generated_rows = torch.zeros(steps, layers, heads, length + steps - 1)
     for step in range(steps):
@@ -297,7 +301,7 @@ def test_plots_for_every_grid(grid):
 
     from paligemma.attention_plots import VIEWS, plot_heads, plot_tokens, render, show_map, upsample
 
-    maps = synthetic_maps(grid, steps=3)
+    maps = synthetic_maps(grid, steps=3, vision_heads=3 if grid < 64 else 1)  # 64 x 64: 4096^2 weights a head
     values = torch.rand(grid, grid)
     pixels = upsample(values, grid * 14)
     assert pixels.shape == (grid * 14, grid * 14)
@@ -311,7 +315,7 @@ def test_plots_for_every_grid(grid):
     assert ax.get_images()[0].get_array().shape == (grid * 14, grid * 14, 3)
     assert ax.get_xlim() == (0.0, grid * 14.0)
     figures = [ax.figure, plot_heads(maps.generated[0], maps.image, title="heads"),
-               plot_heads(maps.vision[:, :, 0], maps.image, layers=[-1], shared_scale=True),
+               plot_heads(maps.vision[:, :, 0], maps.image, layers=[-1], shared_scale=True, mark=0),
                plot_tokens(maps), plot_tokens(maps, layers="mean", heads="max", through_vision=True, style="heat"),
                plot_tokens(maps, source="prompt", through_vision=True, steps=[0, 3])]
     figures += [render(maps, view, layers, heads, 1 if view != VIEWS[4] else 0)
@@ -374,13 +378,21 @@ def test_localisation_scoring_on_known_maps():
     inside[0, 0, 2 * 8 + 1] = 1.0
     uniform = torch.full((1, 1, 64), 1 / 64)
     other = (70, 70, 97, 97)
-    cases = [LocalisationCase("q", "red", "red", inside, box, [other], size),
-             LocalisationCase("q", "red", "blue", uniform, box, [other], size)]
-    hit, flat = score_localisation(cases[:1]), score_localisation(cases[1:])
+    on_other = torch.zeros(1, 1, 64)
+    on_other[0, 0, 6 * 8 + 6] = 1.0  # a patch inside the other box: (70..97) covers patch rows and columns 5..6
+    cases = [LocalisationCase("q", "red", "red", inside, [box, other], ["red", "blue"], 0, size),
+             LocalisationCase("q", "red", "blue", uniform, [other, box], ["blue", "red"], 1, size),
+             LocalisationCase("q", "red", "blue", on_other, [box, other], ["red", "blue"], 0, size),
+             LocalisationCase("q", "red", "pink", inside, [box, other], ["red", "blue"], 0, size)]
+    hit, flat, wrong = score_localisation(cases[:1]), score_localisation(cases[1:2]), score_localisation(cases[2:3])
     assert (hit.hit_rate, hit.mass_inside, hit.mass_other, hit.right_shape_rate, hit.answer_accuracy) == (1, 1, 0, 1, 1)
+    assert (hit.said_scenes, hit.said_hit_rate, hit.said_hit_baseline) == (1, 1, 4 / 64)
     assert flat.mass_inside == pytest.approx(flat.area_baseline) == pytest.approx(28 * 28 / 112**2)
     assert flat.hit_baseline == pytest.approx(4 / 64) and flat.right_shape_rate == 0 and flat.answer_accuracy == 0
-    assert "2 scenes" in score_localisation(cases).summary()
+    assert (wrong.hit_rate, wrong.mass_inside, wrong.mass_other, wrong.said_hit_rate) == (0, 0, 1, 1)
+    assert score_localisation(cases[3:]).said_scenes == 0  # a colour no shape has: not counted
+    assert score_localisation(cases).said_scenes == 3
+    assert "4 scenes" in score_localisation(cases).summary()
 
 
 def test_answer_looks_at_the_asked_shape():
