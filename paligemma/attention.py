@@ -30,7 +30,7 @@ def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def soft_cap(x: torch.Tensor, cap: float) -> torch.Tensor:
-    """cap * tanh(x / cap): close to x while |x| is small against cap, never beyond +-cap (Gemma 2)."""
+    """cap * tanh(x / cap): close to x for x small against cap, never beyond -cap or cap (Gemma 2)."""
     return torch.tanh(x / cap) * cap
 
 

@@ -144,7 +144,7 @@ class GemmaConfig:
 
     @property
     def layer_sliding_windows(self) -> list[int | None]:
-        """Per layer, how far back a token may look (None: the whole sequence). Gemma attends globally everywhere."""
+        """The sliding window of each layer, None where it sees the whole sequence (every layer, in Gemma)."""
         return [None] * self.num_hidden_layers
 
     def to_dict(self) -> dict[str, Any]:

@@ -3,7 +3,7 @@
 A `segment cat` answer is a box and 16 codes, "<loc…>×4 <seg…>×16 cat". Each code (0–127) picks a vector of
 a learned codebook; the 16 vectors, laid out as a 4 x 4 grid, are decoded by a small convolutional network
 into a 64 x 64 mask, which is resized to the box and pasted into the image. The codebook and decoder come
-from a VQ-VAE trained on Open Images masks, released as `vae-oid.npz`:
+from a VQ-VAE trained on Open Images masks, released as `vae-oid.npz`::
 
     codes [b, 16] -> codebook rows [b, 16, 512] -> grid [b, 512, 4, 4]
       -> 1x1 conv, ReLU -> [b, 128, 4, 4]                       decoder.0
