@@ -400,3 +400,17 @@ def test_static_cache_rejects_a_window_it_was_not_sized_for():
     cache.update(0, torch.zeros(1, 1, 3, 4), torch.zeros(1, 1, 3, 4), sliding_window=3)
     with pytest.raises(ValueError, match="sliding window of 3"):
         cache.update(0, torch.zeros(1, 1, 1, 4), torch.zeros(1, 1, 1, 4))
+
+
+def test_command_line_answers_with_a_paligemma2_checkpoint(pg2_checkpoint, tmp_path, capsys):
+    from paligemma.cli import main
+
+    directory, _ = pg2_checkpoint
+    image = tmp_path / "scene.png"
+    random_image(31, 64, 48).save(image)
+    status = main(["--image", str(image), "--prompt", "detect cat", "--model", str(directory), "--max-new-tokens", "12",
+                   "--device", "cpu"])
+    assert status == 0
+    model, processor = load_pretrained(directory)
+    expected = generate(model, processor, images=[image], prompts=["detect cat"], max_new_tokens=12)[0]
+    assert capsys.readouterr().out == expected + "\n"
