@@ -183,17 +183,17 @@ class AttentionMaps:
 
     @property
     def generated(self) -> torch.Tensor:
-        """Attention from each generated token's query to the image: [steps, layers, heads, patches]."""
+        """Each generated token's attention to the image, [steps, layers, heads, patches] (the predicting query's)."""
         return self.generated_rows[..., self.image_positions]
 
     @property
     def prompt(self) -> torch.Tensor:
-        """Attention from each prompt token to the image: [prompt tokens, layers, heads, patches]."""
+        """Each prompt token's attention to the image, [prompt tokens, layers, heads, patches]."""
         return self.prompt_rows[..., self.image_positions]
 
     @property
     def grid(self) -> int:
-        """Patches per side: 8 for tiny-shapes, 16, 32 or 64 for PaliGemma at 224, 448 or 896 pixels."""
+        """Patches per side (8 for tiny-shapes; 16, 32 or 64 for PaliGemma at 224, 448 or 896 pixels)."""
         return grid_side(self.vision.shape[-1])
 
     @property

@@ -166,8 +166,8 @@ def plot_tokens(
     steps: Sequence[int] | None = None,
     source: str = "generated",
     through_vision: bool = False,
-    columns: int = 8,
-    cell: float = 1.8,
+    columns: int = 6,
+    cell: float = 1.6,
     style: str = "spotlight",
 ) -> Any:
     """One map per generated token, titled by the token: where the model looked when it said each word.
