@@ -15,7 +15,7 @@ import math
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -25,7 +25,7 @@ from . import shapes
 from .config import PaliGemmaConfig
 from .generation import generate
 from .model import PaliGemmaForConditionalGeneration
-from .processing import GemmaTokenizer, PaliGemmaProcessor
+from .processing import GemmaTokenizer, PaliGemmaProcessor, preprocess_image
 from .tokenizer_training import train_tokenizer
 
 HELD_OUT_SEED = 1_000_003  # never used for training data
@@ -47,6 +47,7 @@ def tiny_shapes_config(vocab_size: int, image_size: int = 112) -> PaliGemmaConfi
 @dataclass
 class TrainSettings:
     steps: int = 2900
+    vision_steps: int = 0  # stage 0: the vision tower alone learns which shapes of which colours a scene holds
     batch_size: int = 32
     learning_rate: float = 1e-3
     warmup_steps: int = 100
@@ -141,6 +142,45 @@ def build_optimizer(model: nn.Module, settings: TrainSettings) -> torch.optim.Ad
     return torch.optim.AdamW(groups, lr=settings.learning_rate, betas=(0.9, 0.95))
 
 
+def pretrain_vision(model: PaliGemmaForConditionalGeneration, settings: TrainSettings, log=print) -> list[dict]:
+    """Stage 0: train the vision tower alone to say which (kind, colour) pairs a scene holds.
+
+    PaliGemma starts from a SigLIP encoder that was trained on its own first; this is the shapes world's
+    version. A linear head scores every patch for each of the 15 pairs and the image's score is the best
+    patch's (max pooling), so each patch must come to encode what it shows. The head is thrown away after.
+    """
+    tower, device = model.vision_tower, settings.device
+    pairs = [(kind, color) for kind in shapes.KINDS for color in shapes.COLORS]
+    head = nn.Linear(model.config.vision_config.hidden_size, len(pairs)).to(device)
+    optimizer = torch.optim.AdamW([*tower.parameters(), *head.parameters()], lr=settings.learning_rate,
+                                  betas=(0.9, 0.95), weight_decay=settings.weight_decay)
+    schedule = replace(settings, steps=settings.vision_steps, warmup_steps=min(settings.warmup_steps,
+                                                                                settings.vision_steps // 4))
+    rng = random.Random(settings.seed + 1)  # its own scenes: stage 1's stream stays the same
+    history, started = [], time.monotonic()
+    for step in range(settings.vision_steps):
+        lr = learning_rate_at(step, schedule)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        scenes = [shapes.make_scene(rng, settings.image_size) for _ in range(settings.batch_size)]
+        pixels = torch.stack([preprocess_image(scene.image, settings.image_size) for scene in scenes]).to(device)
+        present = torch.tensor([[float(any((s.kind, s.color) == pair for s in scene.shapes)) for pair in pairs]
+                                for scene in scenes], device=device)  # [b, 15]
+        scores = head(tower(pixels)).amax(dim=1)  # [b, patches, 15] -> [b, 15]: the best patch speaks for the image
+        loss = nn.functional.binary_cross_entropy_with_logits(scores, present)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(tower.parameters(), settings.grad_clip)
+        optimizer.step()
+        correct = ((scores > 0).float() == present).all(dim=1).float().mean().item()
+        history.append({"step": step + 1, "loss": round(loss.item(), 5), "lr": lr, "exact": round(correct, 4)})
+        _progress(step + 1, settings.vision_steps, loss.item(), lr, started)
+    if settings.vision_steps:
+        sys.stderr.write("\n")
+        log(f"vision stage: {settings.vision_steps} steps, loss {history[-1]['loss']:.4f}")
+    return history
+
+
 def training_batch(processor: PaliGemmaProcessor, examples: list[shapes.Example], device: str) -> dict:
     batch = processor(text=[e.prompt for e in examples], images=[e.scene.image for e in examples],
                       suffix=[e.answer for e in examples])
@@ -212,11 +252,12 @@ def prepare(out: Path, seed: int, image_size: int = 112) -> tuple[PaliGemmaForCo
 def train(out: str | Path, settings: TrainSettings, log=print) -> dict:
     """Train (resuming from `out/train_state.pt` when present), save the model to `out`, return the metrics."""
     out = Path(out)
+    run_started = time.monotonic()
     model, processor = prepare(out, settings.seed, settings.image_size)
     model.to(settings.device).train()
     optimizer = build_optimizer(model, settings)
     rng = random.Random(settings.seed)
-    step, history = 0, []
+    step, history, vision_history = 0, [], []
     state_file = out / "train_state.pt"
     if state_file.exists():
         state = torch.load(state_file, map_location=settings.device, weights_only=False)
@@ -224,7 +265,10 @@ def train(out: str | Path, settings: TrainSettings, log=print) -> dict:
         optimizer.load_state_dict(state["optimizer"])
         rng.setstate(state["data_rng"])
         step, history = state["step"], state["history"]
+        vision_history = state.get("vision_history", [])
         log(f"resuming from step {step}")
+    if step == 0:
+        vision_history = pretrain_vision(model, settings, log)
     held_out = shapes.make_dataset(HELD_OUT_SEED, settings.eval_examples, settings.image_size)
     started = time.monotonic()
     first_step = step
@@ -256,11 +300,15 @@ def train(out: str | Path, settings: TrainSettings, log=print) -> dict:
                 + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items() if not k.endswith("_examples")))
         if step % settings.checkpoint_every == 0 or step == settings.steps:
             torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "data_rng": rng.getstate(),
-                        "step": step, "history": history, "settings": asdict(settings)}, state_file)
+                        "step": step, "history": history, "vision_history": vision_history,
+                        "settings": asdict(settings)}, state_file)
     model.eval()
     model.save_pretrained(out)
     processor.save_pretrained(out)
-    (out / "training_log.json").write_text(json.dumps({"settings": asdict(settings), "history": history}) + "\n")
+    (out / "training_log.json").write_text(json.dumps({"settings": asdict(settings),
+                                                         "wall_minutes": round((time.monotonic() - run_started) / 60, 2),
+                                                         "vision_history": vision_history,
+                                                         "history": history}) + "\n")
     return {"step": step, "final_loss": history[-1]["loss"] if history else None}
 
 

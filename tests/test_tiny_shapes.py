@@ -110,10 +110,26 @@ def test_a_few_training_steps_lower_the_loss():
     assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5, losses
 
 
+def test_the_vision_stage_trains_the_vision_tower_alone():
+    """Stage 0 lowers its (kind, colour) loss and leaves every weight outside the vision tower as it was."""
+    from paligemma.train import pretrain_vision, prepare
+
+    model, _ = prepare(Path(resolve_checkpoint("tiny-shapes")), seed=0)  # a fresh model; reads the shipped tokenizer
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    torch.manual_seed(0)
+    history = pretrain_vision(model, TrainSettings(vision_steps=30, batch_size=16, warmup_steps=5), log=lambda *_: None)
+    assert len(history) == 30
+    assert sum(h["loss"] for h in history[-5:]) < 0.7 * sum(h["loss"] for h in history[:5]), history
+    for name, tensor in model.state_dict().items():
+        changed = not torch.equal(tensor, before[name])
+        assert changed == name.startswith("vision_tower."), name
+
+
 def test_resuming_continues_where_training_stopped(tmp_path):
     from paligemma.train import train
 
-    settings = TrainSettings(steps=4, batch_size=2, eval_every=1000, eval_examples=4, checkpoint_every=2)
+    settings = TrainSettings(steps=4, vision_steps=2, batch_size=2, eval_every=1000, eval_examples=4,
+                             checkpoint_every=2)
     train(tmp_path / "a", TrainSettings(**{**settings.__dict__, "steps": 2}), log=lambda *_: None)
     resumed = train(tmp_path / "a", settings, log=lambda *_: None)
     straight = train(tmp_path / "b", settings, log=lambda *_: None)
