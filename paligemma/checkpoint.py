@@ -10,17 +10,29 @@ library's by two levels that carry no meaning here:
     multi_modal_projector.linear.…           multi_modal_projector.linear.…
 
 Files from newer `transformers` versions may drop the `vision_model.` level or add a leading
-`model.`; both are read. Weights are memory-mapped and converted one tensor at a time, so loading
-in bf16 never holds a float32 copy of the model.
+`model.`; both are read.
+
+How weights are read decides how fast loading is and how much memory it takes. A safetensors file is
+an 8-byte header length, a JSON header (name -> dtype, shape, byte range) and the raw bytes. Tensors
+already in the wanted dtype are views of the file mapped into memory (no copy: pages come in from the
+page cache when first used, and the model takes exactly its weights' size). Tensors to convert (a
+float32 file loaded in bf16, say) are read with plain reads a bounded chunk at a time, on a few threads,
+straight into their final tensor, so loading never holds a second copy of the model.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import mmap
+import os
+import struct
 import sys
+import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -137,39 +149,104 @@ class _Progress:
             sys.stderr.flush()
 
 
-_ITEM_SIZES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "U8": 1, "I8": 1, "BOOL": 1}
+_DTYPES_ON_DISK = {
+    "F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "I64": torch.int64,
+    "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
+CONVERT_CHUNK_BYTES = 8 << 20  # bytes read at a time per thread when a tensor changes dtype: all a conversion holds extra
+READ_THREADS = min(4, os.cpu_count() or 1)
+
+
+class _SafetensorsFile:
+    """One safetensors file: its header, parsed here, and the file mapped read-only-in-effect (copy on write)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            with open(path, "rb") as handle:
+                size = os.fstat(handle.fileno()).st_size
+                (length,) = struct.unpack("<Q", handle.read(8))
+                if length > size - 8 or length > 100 << 20:
+                    raise ValueError(f"header length {length} does not fit in a file of {size} bytes")
+                header = json.loads(handle.read(length))
+                self.data_start = 8 + length
+                if not isinstance(header, dict):
+                    raise ValueError("the header is not a JSON object")
+                self.entries = {name: info for name, info in header.items() if name != "__metadata__"}
+                for name, info in self.entries.items():
+                    begin, end = info["data_offsets"]
+                    dtype = _DTYPES_ON_DISK[info["dtype"]]
+                    nbytes = math.prod(info["shape"]) * torch.empty((), dtype=dtype).element_size()
+                    if end - begin != nbytes or self.data_start + end > size:
+                        raise ValueError(f"tensor {name} has {end - begin} bytes for shape {info['shape']}")
+                self.map = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY) if size else None
+        except (OSError, ValueError, KeyError, TypeError, struct.error) as error:
+            raise PaliGemmaError(f"{path} is not a valid safetensors file: {error}") from None
+        self.bytes = torch.frombuffer(self.map, dtype=torch.uint8) if self.map is not None else None
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.entries[name]["shape"])
+
+    def dtype(self, name: str) -> torch.dtype:
+        return _DTYPES_ON_DISK[self.entries[name]["dtype"]]
+
+    def nbytes(self, name: str) -> int:
+        begin, end = self.entries[name]["data_offsets"]
+        return end - begin
+
+    def view(self, name: str) -> torch.Tensor | None:
+        """The tensor as a view of the mapped file (no copy), or None where its bytes are not aligned for its dtype."""
+        begin, end = (self.data_start + offset for offset in self.entries[name]["data_offsets"])
+        dtype = self.dtype(name)
+        if begin % torch.empty((), dtype=dtype).element_size():
+            return None
+        return self.bytes[begin:end].view(dtype).view(self.shape(name))
+
+    def read(self, name: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """The tensor converted to `dtype` on `device`, read `CONVERT_CHUNK_BYTES` at a time (plain reads, no mapping)."""
+        stored = self.dtype(name)
+        item = torch.empty((), dtype=stored).element_size()
+        out = torch.empty(self.shape(name), dtype=dtype, device=device)
+        flat = out.view(-1)
+        begin = self.data_start + self.entries[name]["data_offsets"][0]
+        per_chunk = max(1, CONVERT_CHUNK_BYTES // item)
+        scratch = torch.empty(min(per_chunk, max(1, flat.numel())) * item, dtype=torch.uint8)
+        buffer = memoryview(scratch.numpy())
+        with open(self.path, "rb", buffering=0) as handle:
+            for first in range(0, flat.numel(), per_chunk):
+                count = min(per_chunk, flat.numel() - first)
+                wanted, done = count * item, 0
+                while done < wanted:
+                    got = os.preadv(handle.fileno(), [buffer[done:wanted]], begin + first * item + done)
+                    if got <= 0:
+                        raise PaliGemmaError(f"cannot read tensor {name} from {self.path}: the file ends early")
+                    done += got
+                flat[first:first + count].copy_(scratch[:wanted].view(stored))
+        return out
 
 
 def _read_tensors(files: list[Path]) -> Iterator[tuple[str, str, tuple[int, ...], int, "_LazyTensor"]]:
     """(file name, tensor name, shape, bytes, lazy tensor) for every tensor of every file."""
-    from safetensors import SafetensorError, safe_open
-
     for file in files:
-        try:
-            handle = safe_open(str(file), framework="pt", device="cpu")
-            names = list(handle.keys())
-        except (SafetensorError, OSError) as error:
-            raise PaliGemmaError(f"{file} is not a valid safetensors file: {error}") from None
-        for name in names:
-            tensor_slice = handle.get_slice(name)
-            shape = tuple(tensor_slice.get_shape())
-            nbytes = math.prod(shape) * _ITEM_SIZES.get(tensor_slice.get_dtype(), 4)
-            yield file.name, name, shape, nbytes, _LazyTensor(handle, name, file)
+        opened = _SafetensorsFile(file)
+        for name in opened.entries:
+            yield file.name, name, opened.shape(name), opened.nbytes(name), _LazyTensor(opened, name)
 
 
 class _LazyTensor:
-    """One tensor in a memory-mapped file, read only when asked for."""
+    """One tensor of a checkpoint file, read only when asked for."""
 
-    def __init__(self, handle: object, name: str, file: Path) -> None:
-        self.handle, self.name, self.file = handle, name, file
+    def __init__(self, file: _SafetensorsFile, name: str) -> None:
+        self.file, self.name = file, name
 
-    def read(self) -> torch.Tensor:
-        from safetensors import SafetensorError
-
-        try:
-            return self.handle.get_tensor(self.name)
-        except (SafetensorError, OSError) as error:
-            raise PaliGemmaError(f"cannot read tensor {self.name} from {self.file}: {error}") from None
+    def read(self, dtype: torch.dtype | None, device: torch.device) -> torch.Tensor:
+        """Mapped without a copy when it is already what is wanted (on the CPU); else read and converted."""
+        dtype = dtype or self.file.dtype(self.name)
+        if dtype == self.file.dtype(self.name) and device.type == "cpu":
+            view = self.file.view(self.name)
+            if view is not None:
+                return view
+        return self.file.read(self.name, dtype, device)
 
 
 def _describe(names: list[str], limit: int = 5) -> str:
@@ -189,6 +266,32 @@ def load_model(
     return _load_weights(directory, config, device, dtype, progress)
 
 
+_INITIALISERS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "kaiming_uniform_",
+                 "kaiming_normal_", "xavier_uniform_", "xavier_normal_")
+
+
+@contextlib.contextmanager
+def _no_initialisation() -> Iterator[None]:
+    """Make `torch.nn.init` do nothing: weights about to be replaced need no random values (and drawing them on the
+    meta device imports PyTorch's compiler stack, a second or more of a first load)."""
+    from torch.nn import init
+
+    saved = {name: getattr(init, name) for name in _INITIALISERS}
+    for name in _INITIALISERS:
+        setattr(init, name, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for name, function in saved.items():
+            setattr(init, name, function)
+
+
+def empty_model(config: PaliGemmaConfig) -> PaliGemmaForConditionalGeneration:
+    """The model's structure on the meta device: shapes and names, no memory, no initial values."""
+    with _no_initialisation(), torch.device("meta"):
+        return PaliGemmaForConditionalGeneration(config)
+
+
 def _load_weights(
     directory: Path,
     config: PaliGemmaConfig,
@@ -200,14 +303,13 @@ def _load_weights(
     files = weight_files(directory)
     device, dtype = parse_device(device), parse_dtype(dtype)
 
-    with torch.device("meta"):
-        model = PaliGemmaForConditionalGeneration(config)
+    model = empty_model(config)
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     tied = config.text_config.tie_word_embeddings
 
     entries = list(_read_tensors(files))
     bar = _Progress(sum(nbytes for *_, nbytes, _ in entries), progress)
-    state: dict[str, torch.Tensor] = {}
+    wanted: dict[str, tuple[_LazyTensor, int]] = {}
     unexpected, wrong_shape = [], []
     for file_name, disk_name, shape, nbytes, lazy in entries:
         name = to_library_name(disk_name)
@@ -220,9 +322,24 @@ def _load_weights(
         if shape != expected[name]:
             wrong_shape.append(f"{disk_name} {list(shape)} (expected {list(expected[name])}) in {file_name}")
             continue
-        tensor = lazy.read()
-        state[name] = tensor.to(device=device, dtype=dtype or tensor.dtype)
-        bar.advance(nbytes)
+        wanted[name] = (lazy, nbytes)
+    state: dict[str, torch.Tensor] = {}
+    lock = threading.Lock()
+
+    def read(name: str) -> None:
+        lazy, nbytes = wanted[name]
+        tensor = lazy.read(dtype, device)
+        with lock:
+            state[name] = tensor
+            bar.advance(nbytes)
+
+    if not wrong_shape and not unexpected:
+        # Largest first, so the threads finish together; conversions run in parallel, mapped views cost nothing.
+        order = sorted(wanted, key=lambda name: -wanted[name][1])
+        with ThreadPoolExecutor(max_workers=READ_THREADS) as pool:
+            for _ in pool.map(read, order):
+                pass
+        state = {name: state[name] for name in wanted}  # the file's order
     if wrong_shape:
         raise PaliGemmaError(f"weights of the wrong shape for this config: {_describe(wrong_shape)}")
     if unexpected:

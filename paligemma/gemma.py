@@ -7,13 +7,13 @@ RMSNorm, gated GELU MLP) -> RMSNorm -> logits through the embedding matrix (tied
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .activations import get_activation
 from .attention import attention
 from .config import GemmaConfig
 from .kv_cache import KVCache
+from .linear import Linear, linear
 
 
 class GemmaRMSNorm(nn.Module):
@@ -73,10 +73,10 @@ class GemmaAttention(nn.Module):
         self.head_dim = config.head_dim
         self.scale = self.head_dim**-0.5
         bias = config.attention_bias
-        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
+        self.q_proj = Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
         self.implementation = "sdpa"
         self.softcap: float | None = None  # Gemma 2 soft-caps the scores; Gemma does not
         self.sliding_window: int | None = None  # Gemma 2 limits every other layer to a window; Gemma does not
@@ -112,9 +112,9 @@ class GemmaMLP(nn.Module):
 
     def __init__(self, config: GemmaConfig) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_proj = Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
         self.act = get_activation(config.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -160,7 +160,7 @@ class GemmaLanguageModel(nn.Module):
         self.norm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = GemmaRotaryEmbedding(config.head_dim, config.rope_theta)
         self.lm_head = (
-            None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+            None if config.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size, bias=False)
         )
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -193,4 +193,4 @@ class GemmaLanguageModel(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Scores over the vocabulary: hidden [b, s, d] @ embedding^T -> [b, s, vocab]."""
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight)
+        return linear(hidden, weight)

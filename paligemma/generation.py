@@ -7,7 +7,7 @@ sequence stops at `<eos>` while the others in the batch go on.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -93,8 +93,13 @@ def generate_ids(
     top_p: float = 1.0,
     seed: int | None = None,
     cache: str | KVCache = "dynamic",
+    on_token: Callable[[torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
-    """New token ids [b, steps] for a processed batch; after its `<eos>` a sequence is filled with pad."""
+    """New token ids [b, steps] for a processed batch; after its `<eos>` a sequence is filled with pad.
+
+    `on_token`, if given, is called with each step's tokens [b] as soon as they are chosen (to stream the
+    answer, or to time each step as the benchmark does).
+    """
     check_generation_settings(max_new_tokens, do_sample, temperature, top_k, top_p)
     text_config = model.config.text_config
     device = model.device
@@ -137,6 +142,8 @@ def generate_ids(
         token = choose_next_token(out.logits[:, -1], do_sample, temperature, top_k, top_p, generator)
         token = token.masked_fill(finished, text_config.pad_token_id)
         new_tokens.append(token)
+        if on_token is not None:
+            on_token(token)
         finished |= token == text_config.eos_token_id
         if bool(finished.all()) or step == max_new_tokens - 1:
             break

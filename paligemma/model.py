@@ -25,6 +25,7 @@ from .config import PaliGemmaConfig
 from .errors import PaliGemmaError
 from .gemma2 import build_language_model
 from .kv_cache import KVCache
+from .linear import Linear
 from .siglip import SiglipVisionModel
 
 
@@ -51,7 +52,7 @@ class PaliGemmaMultiModalProjector(nn.Module):
 
     def __init__(self, config: PaliGemmaConfig) -> None:
         super().__init__()
-        self.linear = nn.Linear(config.vision_config.hidden_size, config.projection_dim)
+        self.linear = Linear(config.vision_config.hidden_size, config.projection_dim)
 
     def forward(self, image_features: torch.Tensor) -> torch.Tensor:
         return self.linear(image_features)

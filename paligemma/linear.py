@@ -1,0 +1,198 @@
+"""How the model multiplies by its weights, y = x W^T + b, chosen by the work's shape and the machine.
+
+Every projection in the model is one of these products, and they are nearly all of its time. Two regimes:
+
+- **Decoding** multiplies one row per sequence (a handful) by each weight matrix: each weight is used once per
+  step, so the step's time is the time to read the weights from memory. PyTorch's bf16 kernel (oneDNN)
+  rearranges the weights as it goes for such shapes and reads them well below the memory's speed. For at most
+  `FEW_ROWS` rows, a small C++ kernel (`csrc/linear_cpu.cpp`, compiled on first use) streams each weight row
+  once with AVX-512 instead.
+- **Prefill** and the vision tower multiply hundreds of rows, and the work is arithmetic. On CPUs without AMX,
+  bf16 arithmetic (VDPBF16PS) is no faster than fp32 fused multiply-adds, and PyTorch's bf16 kernels run well
+  below its fp32 ones; so for at least `MANY_ROWS` rows the bf16 weights are widened to fp32 a slice at a time
+  and multiplied by fp32 kernels. Only a slice is ever widened, so memory stays that of the bf16 weights.
+
+Both paths compute what the plain product computes: products of bf16 numbers are exact in fp32, sums are in
+fp32, and the result is rounded to bf16 once, as in PyTorch's own bf16 kernels; only the order of the sums
+differs. float32 models take `torch.nn.functional.linear` unless `fast_paths(fp32=True)`: their default numerics
+stay those of the reference, operation for operation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import sys
+import threading
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+FEW_ROWS = 8  # up to this many rows: the streaming kernel (decoding, batch up to 8)
+MANY_ROWS = 32  # from this many rows: bf16 weights widened to fp32 slices (prefill, vision)
+SLICE_ELEMENTS = 1 << 22  # weights widened per fp32 matrix product: 16 MB, cache-sized
+
+
+@dataclass
+class FastPaths:
+    """Which fast paths are on. `fp32` extends the streaming kernel to float32 weights (off: reference numerics)."""
+
+    enabled: bool = True
+    few_rows: bool = True
+    widen: bool = True
+    fp32: bool = False
+
+
+SETTINGS = FastPaths(enabled=os.environ.get("PALIGEMMA_FAST_PATHS", "1") != "0")
+
+
+@contextlib.contextmanager
+def fast_paths(**changes: bool) -> Iterator[FastPaths]:
+    """Switch fast paths on or off inside a block: `with fast_paths(enabled=False): ...` for PyTorch's kernels only."""
+    unknown = [name for name in changes if not hasattr(SETTINGS, name)]
+    if unknown:
+        raise ValueError(f"unknown fast path setting {unknown[0]!r}")
+    saved = {name: getattr(SETTINGS, name) for name in changes}
+    for name, value in changes.items():
+        setattr(SETTINGS, name, value)
+    try:
+        yield SETTINGS
+    finally:
+        for name, value in saved.items():
+            setattr(SETTINGS, name, value)
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+CPU_FLAGS = _cpu_flags()
+HAS_AMX = "amx_bf16" in CPU_FLAGS  # bf16 matrix tiles: oneDNN's bf16 products then beat fp32 ones, keep them
+HAS_AVX512_BF16 = {"avx512f", "avx512bw", "avx512_bf16"} <= CPU_FLAGS
+
+
+class _Kernel:
+    """The compiled streaming kernel, built once per machine (cached by torch's extension builder), or why not."""
+
+    def __init__(self) -> None:
+        self.module = None
+        self.error: str | None = None
+        self.tried = False
+        self.lock = threading.Lock()
+
+    def get(self):
+        if self.tried:
+            return self.module
+        with self.lock:
+            if not self.tried:
+                self.module = self._build()
+                self.tried = True
+        return self.module
+
+    def _build(self):
+        if platform.machine().lower() not in ("x86_64", "amd64") or not HAS_AVX512_BF16:
+            self.error = "this CPU lacks AVX-512 with bf16 instructions"
+            return None
+        if os.environ.get("PALIGEMMA_NO_KERNEL"):
+            self.error = "PALIGEMMA_NO_KERNEL is set"
+            return None
+        path = os.environ.get("PATH", "")
+        try:
+            from torch.utils import cpp_extension
+
+            source = Path(__file__).parent / "csrc" / "linear_cpu.cpp"
+            # ninja installed by pip sits beside this Python, which is not on PATH unless the environment is active
+            os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), path])
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                cpp_extension.load(
+                    name="paligemma_linear_cpu", sources=[str(source)], verbose=False, is_python_module=False,
+                    extra_cflags=["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp"],
+                    extra_ldflags=["-fopenmp"],
+                )
+            return torch.ops.paligemma
+        except Exception as error:  # no compiler, no ninja, no headers: PyTorch's kernels still work
+            self.error = f"{type(error).__name__}: {str(error).strip().splitlines()[-1] if str(error).strip() else ''}"
+            return None
+        finally:
+            os.environ["PATH"] = path
+
+
+KERNEL = _Kernel()
+
+
+def kernel_status() -> str:
+    """'compiled', or why the streaming kernel is not used on this machine."""
+    module = KERNEL.get()
+    return "compiled" if module is not None else f"not available ({KERNEL.error})"
+
+
+def path_for(x: torch.Tensor, weight: torch.Tensor) -> str:
+    """Which path a product takes: 'few_rows', 'widen' or 'torch'."""
+    if not SETTINGS.enabled or x.device.type != "cpu" or weight.device.type != "cpu" or x.dtype != weight.dtype:
+        return "torch"
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return "torch"  # training: autograd needs PyTorch's own kernels
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if rows == 0:
+        return "torch"
+    if x.dtype == torch.bfloat16:
+        if rows <= FEW_ROWS and SETTINGS.few_rows and KERNEL.get() is not None:
+            return "few_rows"
+        if rows >= MANY_ROWS and SETTINGS.widen and not HAS_AMX:
+            return "widen"
+    elif x.dtype == torch.float32 and SETTINGS.fp32 and rows <= FEW_ROWS and SETTINGS.few_rows:
+        if KERNEL.get() is not None:
+            return "few_rows"
+    return "torch"
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] @ weight [N, K]^T (+ bias [N]) -> [..., N], in x's dtype, by the path `path_for` picks."""
+    path = path_for(x, weight)
+    if path == "torch":
+        return F.linear(x, weight, bias)
+    rows = x.reshape(-1, x.shape[-1])
+    if path == "few_rows":
+        out = KERNEL.get().few_rows_linear(rows.contiguous(), weight.contiguous())  # fp32 sums
+    else:
+        out = _widened_product(rows, weight)
+    if bias is not None:
+        out += bias.float()  # added to the fp32 sums, rounded once below, as PyTorch's bf16 kernels do
+    return out.to(x.dtype, memory_format=torch.contiguous_format).reshape(*x.shape[:-1], weight.shape[0])
+
+
+def _widened_product(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """rows [M, K] @ weight [N, K]^T in fp32, widening `SLICE_ELEMENTS` of the weights at a time -> [M, N] fp32."""
+    n, k = weight.shape
+    x32 = rows.float()
+    step = max(1, SLICE_ELEMENTS // k)
+    if step >= n:
+        return F.linear(x32, weight.float())
+    out = torch.empty(n, rows.shape[0], dtype=torch.float32)  # [N, M]: each slice fills contiguous rows
+    scratch = torch.empty(step, k, dtype=torch.float32)
+    x32t = x32.t()
+    for start in range(0, n, step):
+        end = min(n, start + step)
+        widened = scratch[: end - start].copy_(weight[start:end])
+        torch.mm(widened, x32t, out=out[start:end])
+    return out.t()
+
+
+class Linear(nn.Linear):
+    """`nn.Linear` whose product goes through `linear`: same parameters, same state dict, faster paths where they help."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)

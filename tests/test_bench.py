@@ -1,0 +1,111 @@
+"""The benchmark (`python -m paligemma.bench`): it runs end to end on the tiny preset in seconds, its JSON has the
+documented fields, both libraries hold the same weights and produce the same greedy tokens inside it, and the work
+it counts for the bounds is the model's."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from paligemma import bench
+from paligemma.config import PaliGemmaConfig
+
+METRICS = {"load_s", "load_peak_rss_gb", "vision_s", "prefill_s", "decode_tokens_per_s", "generate_peak_extra_gb"}
+ROW_FIELDS = {"dtype", "batch", "metric", "unit", "higher_is_better", "ours", "transformers", "samples",
+              "ratio_to_transformers", "bound", "bound_note"}
+
+
+@pytest.fixture(scope="module")
+def tiny_report():
+    torch.manual_seed(0)
+    return bench.run("tiny", dtypes=("bf16", "fp32"), batches=(1, 2), new_tokens=6, repeats=1, load_repeats=1,
+                     bandwidth_bytes=32 << 20, profile=True, ablation=True)
+
+
+def test_report_has_the_documented_fields(tiny_report):
+    report = json.loads(json.dumps(tiny_report))  # what --json writes
+    assert report["schema"] == bench.SCHEMA and report["preset"] == "tiny"
+    assert report["prompt_tokens"] == 256 + bench.PROMPT_TOKENS
+    for field in ("cpu", "threads", "cpu_count", "amx", "torch", "transformers", "streaming_kernel"):
+        assert field in report["machine"], field
+    assert report["limits"]["bandwidth"]["gb_per_s"] > 0
+    assert set(report["limits"]["matmul"]["all_gflop_per_s"]) == {"bf16", "fp32"}
+    rows = report["results"]
+    assert {row["metric"] for row in rows} == METRICS
+    for row in rows:
+        assert ROW_FIELDS <= set(row), row["metric"]
+        assert row["ours"] > 0 and row["transformers"] > 0 or row["metric"] == "generate_peak_extra_gb"
+    # each (dtype, batch) measured once per metric, both dtypes and both batches present
+    keys = [(r["dtype"], r["batch"], r["metric"]) for r in rows]
+    assert len(keys) == len(set(keys))
+    assert {(r["dtype"], r["batch"]) for r in rows if r["metric"] == "decode_tokens_per_s"} == {
+        ("bf16", 1), ("bf16", 2), ("fp32", 1), ("fp32", 2)}
+    decode = next(r for r in rows if r["metric"] == "decode_tokens_per_s" and r["batch"] == 1)
+    assert 0 < decode["ours_fraction_of_bound"] and 0 < decode["transformers_fraction_of_bound"]
+    assert math.isclose(decode["ratio_to_transformers"], decode["ours"] / decode["transformers"])
+    variants = {row["variant"] for row in report["ablation"]}
+    assert set(bench.VARIANTS) | {"transformers"} <= variants
+    assert set(report["profile"]["runs"]) == {"ours, PyTorch kernels only", "ours", "transformers"}
+    for run in report["profile"]["runs"].values():
+        assert set(run) == {"prefill", "decode"} and run["decode"]["wall_s"] > 0
+
+
+def test_both_libraries_produce_the_same_greedy_tokens(tiny_report):
+    assert len(tiny_report["checks"]) == 4
+    for check in tiny_report["checks"]:
+        assert check["same_greedy_tokens"], check
+        assert len(check["ours_tokens"]) == check["batch"] and len(check["ours_tokens"][0]) == 6
+
+
+def test_table_names_every_measurement(tiny_report):
+    table = bench.format_table(tiny_report)
+    for label in bench._LABELS.values():
+        assert label in table
+    assert "greedy tokens, bf16 batch 2: same" in table
+    assert "optimisation record" in table and "where the time goes" in table
+
+
+def test_command_line_writes_json(tmp_path, capsys):
+    out = tmp_path / "report.json"
+    bench.main(["--preset", "tiny", "--dtype", "fp32", "--batch", "1", "--new-tokens", "3", "--repeats", "1",
+                "--no-load", "--no-limits", "--json", str(out)])
+    report = json.loads(out.read_text())
+    assert report["command"].startswith("python -m paligemma.bench --preset tiny")
+    assert report["checks"][0]["same_greedy_tokens"]
+    assert "decode (tokens/s)" in capsys.readouterr().out
+
+
+def test_reference_holds_the_very_same_tensors(tmp_path):
+    from paligemma import load_model
+
+    config = PaliGemmaConfig.from_dict(bench.PRESETS["tiny"])
+    bench.write_random_checkpoint(config, tmp_path, torch.float32)
+    model = load_model(tmp_path)
+    reference = bench.reference_sharing_weights(model, attn_implementation="eager")
+    ours = {p.data_ptr() for p in model.parameters()}
+    assert {p.data_ptr() for p in reference.parameters()} == ours  # every weight shared, the head tied
+    model.set_attention_implementation("eager")
+    inputs = bench.make_inputs(config, 2, torch.device("cpu"))
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).logits, reference(**inputs).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_work_counted_for_the_bounds_is_the_models():
+    """The bytes a decoding step reads are the decoder's and the head's weights; prefill FLOPs are twice the
+    multiply-adds of every linear layer over every token (checked on the full-size model, on the meta device)."""
+    config = PaliGemmaConfig.from_dict(bench.PRESETS["3b-224"])
+    model = bench._meta_model(config)
+    language = sum(p.numel() for p in model.language_model.parameters())
+    step = bench.decode_step(config, batch=1, context=0, dtype=torch.bfloat16)
+    assert step["bytes"] == 2 * language  # every decoder weight, the norms and the tied head, once
+    linear_vision = sum(m.weight.numel() for m in model.vision_tower.modules() if isinstance(m, torch.nn.Linear))
+    patch = model.vision_tower.embeddings.patch_embedding.weight.numel()
+    counted = bench._linear_params(config)
+    assert counted["vision"] == linear_vision + patch
+    assert counted["projector"] == model.multi_modal_projector.linear.weight.numel()
+    assert counted["decoder"] == sum(
+        m.weight.numel() for m in model.language_model.layers.modules() if isinstance(m, torch.nn.Linear))
+    assert 2.9e9 < model.num_parameters() < 2.95e9
