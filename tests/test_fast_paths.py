@@ -52,7 +52,7 @@ def test_few_rows_path_rounds_once_like_pytorch():
 
 @pytest.mark.skipif(linear.HAS_AMX, reason="with AMX, bf16 products stay in bf16")
 def test_widened_path_is_as_exact_as_float32():
-    x = torch.randn(300, 256).bfloat16()
+    x = torch.randn(300, 256).bfloat16()  # 300 rows: widened
     weight, bias = torch.randn(5000, 256).bfloat16(), torch.randn(5000).bfloat16()
     assert linear.path_for(x, weight) == "widen"
     with torch.no_grad():

@@ -25,6 +25,7 @@
 namespace {
 
 constexpr int64_t kL1Bytes = 32 * 1024;  // the part of x that one pass over the weight rows keeps hot
+constexpr int64_t kAheadBytes = 512;      // ask for each weight row this far ahead of where it is read (measured best)
 
 // bf16: 32 values per register, VDPBF16PS.
 template <int M, int R>
@@ -38,6 +39,7 @@ void block_bf16(const uint16_t* x, const uint16_t* w, float* y, int64_t K, int64
     __m512i xv[M];
     for (int m = 0; m < M; ++m) xv[m] = _mm512_maskz_loadu_epi16(mask, x + m * K + k);
     for (int r = 0; r < R; ++r) {
+      _mm_prefetch(reinterpret_cast<const char*>(w + (n0 + r) * K + k) + kAheadBytes, _MM_HINT_T0);
       const __m512i wv = _mm512_maskz_loadu_epi16(mask, w + (n0 + r) * K + k);
       for (int m = 0; m < M; ++m) acc[m][r] = _mm512_dpbf16_ps(acc[m][r], (__m512bh)wv, (__m512bh)xv[m]);
     }
@@ -57,6 +59,7 @@ void block_fp32(const float* x, const float* w, float* y, int64_t K, int64_t N, 
     __m512 xv[M];
     for (int m = 0; m < M; ++m) xv[m] = _mm512_maskz_loadu_ps(mask, x + m * K + k);
     for (int r = 0; r < R; ++r) {
+      _mm_prefetch(reinterpret_cast<const char*>(w + (n0 + r) * K + k) + kAheadBytes, _MM_HINT_T0);
       const __m512 wv = _mm512_maskz_loadu_ps(mask, w + (n0 + r) * K + k);
       for (int m = 0; m < M; ++m) acc[m][r] = _mm512_fmadd_ps(wv, xv[m], acc[m][r]);
     }
