@@ -155,17 +155,27 @@ def best_time(fn: Callable[[], Any], repeats: int, device: torch.device, warmup:
 def measure_bandwidth(device: torch.device, size_bytes: int = 1 << 30, repeats: int = 5) -> dict[str, Any]:
     """Memory read bandwidth, GB/s: the best of several streaming reductions over a buffer far larger than the caches.
 
-    Several kernels are tried (a float32 sum, a bfloat16 sum, a float32 matrix-vector product) and the fastest
-    is taken as the bandwidth: the bound is what the machine can do, not what one kernel happens to reach.
+    Several kernels are tried (a float32 sum, a bfloat16 sum, a float32 matrix-vector product, and this library's
+    own streaming kernel) and the fastest is taken as the bandwidth: the bound is what the machine can do, not
+    what one kernel happens to reach.
     """
+    from .linear import KERNEL
+
     results: dict[str, float] = {}
-    for name, dtype in (("sum_fp32", torch.float32), ("sum_bf16", torch.bfloat16), ("gemv_fp32", torch.float32)):
+    kernels = [("sum_fp32", torch.float32), ("sum_bf16", torch.bfloat16), ("gemv_fp32", torch.float32)]
+    if device.type == "cpu" and KERNEL.get() is not None:
+        kernels.append(("streaming_kernel_bf16", torch.bfloat16))  # this library's decoding kernel, one row of x
+    for name, dtype in kernels:
         elements = size_bytes // torch.empty((), dtype=dtype).element_size()
         buffer = torch.ones(elements, dtype=dtype, device=device)
-        if name.startswith("gemv"):
+        if name == "gemv_fp32":
             matrix = buffer.view(-1, 4096)
             vector = torch.ones(4096, dtype=dtype, device=device)
             fn = lambda: torch.mv(matrix, vector)  # noqa: E731
+        elif name == "streaming_kernel_bf16":
+            matrix = buffer.view(-1, 2048)
+            row = torch.ones(1, 2048, dtype=dtype)
+            fn = lambda: KERNEL.get().few_rows_linear(row, matrix)  # noqa: E731
         else:
             fn = lambda: buffer.sum()  # noqa: E731
         seconds = min(best_time(fn, repeats, device))
