@@ -241,7 +241,8 @@ def _linear_params(config: PaliGemmaConfig) -> dict[str, int]:
     vision_layer = 4 * v.hidden_size**2 + 2 * v.hidden_size * v.intermediate_size
     attention_width = t.num_attention_heads * t.head_dim
     kv_width = t.num_key_value_heads * t.head_dim
-    text_layer = 2 * t.hidden_size * attention_width + 2 * t.hidden_size * kv_width + 3 * t.hidden_size * t.intermediate_size
+    text_layer = (2 * t.hidden_size * attention_width + 2 * t.hidden_size * kv_width
+                  + 3 * t.hidden_size * t.intermediate_size)
     return {
         "vision": v.num_hidden_layers * vision_layer + v.num_channels * v.patch_size**2 * v.hidden_size,
         "projector": v.hidden_size * config.projection_dim,
@@ -311,7 +312,8 @@ def write_random_checkpoint(config: PaliGemmaConfig, directory: Path, dtype: tor
     offset = 0
     for name, shape in shapes.items():
         nbytes = math.prod(shape) * size
-        header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape),
+                        "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
@@ -338,7 +340,7 @@ def _parameters_on_meta() -> Iterator[None]:
     """Build modules whose parameters live on the meta device (no memory) while buffers are made for real."""
     register = nn.Module.register_parameter
 
-    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+    def on_meta(module: torch.nn.Module, name: str, param: nn.Parameter | None) -> None:
         register(module, name, param)
         if param is not None:
             module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
@@ -350,8 +352,8 @@ def _parameters_on_meta() -> Iterator[None]:
         nn.Module.register_parameter = register
 
 
-def reference_sharing_weights(model: nn.Module, attn_implementation: str = "sdpa") -> nn.Module:
-    """transformers' PaliGemmaForConditionalGeneration whose every parameter IS this library's tensor (shared storage)."""
+def reference_sharing_weights(model: torch.nn.Module, attn_implementation: str = "sdpa") -> torch.nn.Module:
+    """transformers' PaliGemmaForConditionalGeneration whose every parameter IS this library's tensor (shared)."""
     import transformers
     from transformers import PaliGemmaConfig as ReferenceConfig
     from transformers import PaliGemmaForConditionalGeneration as Reference
@@ -423,8 +425,8 @@ class _StepClock:
 
 
 @contextlib.contextmanager
-def _never_stop(model: nn.Module, reference: nn.Module) -> Iterator[None]:
-    """Both libraries decode exactly `max_new_tokens`: `<eos>` is taken off for the benchmark (random weights may say it)."""
+def _never_stop(model: torch.nn.Module, reference: torch.nn.Module) -> Iterator[None]:
+    """Both libraries decode exactly `max_new_tokens`: `<eos>` is switched off (random weights may produce it)."""
     text_config = model.config.text_config
     eos, ref_eos = text_config.eos_token_id, reference.generation_config.eos_token_id
     text_config.eos_token_id, reference.generation_config.eos_token_id = -1, None
@@ -443,8 +445,8 @@ def _variant(name: str) -> Iterator[None]:
         yield
 
 
-def time_generation(implementation: str, model: nn.Module, reference: nn.Module, inputs: dict[str, torch.Tensor],
-                    new_tokens: int, device: torch.device) -> dict[str, Any]:
+def time_generation(implementation: str, model: torch.nn.Module, reference: torch.nn.Module,
+                    inputs: dict[str, torch.Tensor], new_tokens: int, device: torch.device) -> dict[str, Any]:
     """One `generate` call: seconds to the first token (prefill), decode rate after it, tokens, peak memory."""
     from .generation import generate_ids
 
@@ -471,7 +473,7 @@ def time_generation(implementation: str, model: nn.Module, reference: nn.Module,
     }
 
 
-def time_vision(implementation: str, model: nn.Module, reference: nn.Module, pixels: torch.Tensor,
+def time_vision(implementation: str, model: torch.nn.Module, reference: torch.nn.Module, pixels: torch.Tensor,
                 device: torch.device) -> float:
     """Seconds for the vision tower and projector on a batch of images."""
     with torch.no_grad(), _variant(implementation):
@@ -506,8 +508,8 @@ def _category(name: str) -> str:
     return OTHER_OPERATORS
 
 
-def profile_phases(implementation: str, model: nn.Module, reference: nn.Module, inputs: dict[str, torch.Tensor],
-                   device: torch.device) -> dict[str, Any]:
+def profile_phases(implementation: str, model: torch.nn.Module, reference: torch.nn.Module,
+                   inputs: dict[str, torch.Tensor], device: torch.device) -> dict[str, Any]:
     """Where the time goes: torch.profiler's self time by kind of operator, in the prefill and in one decoding step.
 
     The wall time not spent inside any operator is Python and dispatch overhead. Profiling slows the run a little,
@@ -566,7 +568,8 @@ def profile_phases(implementation: str, model: nn.Module, reference: nn.Module, 
 
 LOAD_PROBE = """
 import json, sys, time, torch
-implementation, directory, dtype = sys.argv[1], sys.argv[2], {"bf16": torch.bfloat16, "fp32": torch.float32}[sys.argv[3]]
+implementation, directory = sys.argv[1], sys.argv[2]
+dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[sys.argv[3]]
 
 def status(field):
     for line in open("/proc/self/status"):
@@ -611,7 +614,8 @@ def _read_through(path: Path) -> None:
             pass
 
 
-def measure_load(implementation: str, directory: Path, dtype: torch.dtype, library: str | None = None) -> dict[str, Any]:
+def measure_load(implementation: str, directory: Path, dtype: torch.dtype,
+                 library: str | None = None) -> dict[str, Any]:
     """Load time and memory in a fresh process; `library` puts another copy of this package first on the path
     (the library before an optimisation, to measure the optimisation)."""
     env = dict(os.environ, PYTHONWARNINGS="ignore")
@@ -632,7 +636,7 @@ def measure_load(implementation: str, directory: Path, dtype: torch.dtype, libra
 
 def _row(results: list[dict[str, Any]], dtype: str, batch: int | None, metric: str, unit: str, higher_is_better: bool,
          samples: dict[str, list[float]], bound: float | None = None, bound_note: str = "") -> None:
-    """Record one measurement: the best sample of each implementation, their ratio, and each as a fraction of the bound."""
+    """Record one measurement: each implementation's best sample, their ratio, each as a fraction of the bound."""
     pick = max if higher_is_better else min
     ours, ref = pick(samples["ours"]), pick(samples["transformers"])
     row: dict[str, Any] = {
@@ -701,7 +705,9 @@ def run(preset: str = "3b-224", dtypes: tuple[str, ...] = ("bf16", "fp32"), batc
             dtype = DTYPES[dtype_name]
             first = dtype_index == 0
             if measure_loading:
-                loaders = list(IMPLEMENTATIONS) + (["ours, previous version"] if ablation and first and baseline_library else [])
+                loaders = list(IMPLEMENTATIONS)
+                if ablation and first and baseline_library:
+                    loaders.append("ours, previous version")
                 samples: dict[str, list[dict[str, Any]]] = {name: [] for name in loaders}
                 _read_through(directory / "model.safetensors")
                 for repeat in range(load_repeats):
@@ -791,7 +797,7 @@ def run(preset: str = "3b-224", dtypes: tuple[str, ...] = ("bf16", "fp32"), batc
     return report
 
 
-def _meta_model(config: PaliGemmaConfig) -> nn.Module:
+def _meta_model(config: PaliGemmaConfig) -> torch.nn.Module:
     from .checkpoint import empty_model
 
     return empty_model(config)
@@ -801,7 +807,8 @@ def _meta_model(config: PaliGemmaConfig) -> nn.Module:
 # The table
 
 _LABELS = {
-    "load_s": "load (s)", "load_peak_rss_gb": "load peak RSS (GB)", "vision_s": "vision (s)", "prefill_s": "prefill (s)",
+    "load_s": "load (s)", "load_peak_rss_gb": "load peak RSS (GB)", "vision_s": "vision (s)",
+    "prefill_s": "prefill (s)",
     "decode_tokens_per_s": "decode (tokens/s)", "generate_peak_extra_gb": "generate: memory above weights (GB)",
 }
 
@@ -832,7 +839,8 @@ def format_table(report: dict[str, Any]) -> str:
             f"limits: memory read bandwidth {bw['gb_per_s']:.1f} GB/s ({bw['kernel']}); matmul "
             + ", ".join(f"{k} {v:.0f}" for k, v in mm["all_gflop_per_s"].items()) + " GFLOP/s"
         )
-    header = f"{'dtype':5} {'batch':>5}  {'measure':38} {'ours':>9} {'transf.':>9} {'ratio':>7} {'bound':>9} {'ours/bd':>8} {'tf/bd':>7}"
+    header = (f"{'dtype':5} {'batch':>5}  {'measure':38} {'ours':>9} {'transf.':>9} {'ratio':>7} {'bound':>9} "
+              f"{'ours/bd':>8} {'tf/bd':>7}")
     lines += ["", header, "-" * len(header)]
     for row in report["results"]:
         ratio = row["ratio_to_transformers"]
@@ -882,7 +890,8 @@ def format_profile(report: dict[str, Any]) -> list[str]:
         return []
     kinds = list(CATEGORIES) + [OTHER_OPERATORS, OUTSIDE]
     short = ["matmul", "attention", "copies", "other ops", "outside"]
-    lines = ["", f"where the time goes ({profile['dtype']}, batch {profile['batch']}; torch.profiler, share of wall time):",
+    lines = ["",
+             f"where the time goes ({profile['dtype']}, batch {profile['batch']}; torch.profiler, share of wall time):",
              f"  {'phase':8} {'implementation':34} {'wall s':>8} " + " ".join(f"{k:>9}" for k in short)]
     for phase in ("prefill", "decode"):
         for name, run in profile["runs"].items():
@@ -902,7 +911,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         "(the best is kept)")
     parser.add_argument("--large-batch-repeats", type=int, default=1, help="the same at larger batches")
     parser.add_argument("--load-repeats", type=int, default=2)
-    parser.add_argument("--profile", action="store_true", help="where the time goes (torch.profiler), first dtype, batch 1")
+    parser.add_argument("--profile", action="store_true",
+                        help="where the time goes (torch.profiler), first dtype, batch 1")
     parser.add_argument("--ablation", action="store_true", help="each fast path off and on, first dtype, batch 1")
     parser.add_argument("--baseline-library", default=None, help="with --ablation: a folder holding an earlier "
                         "version of the paligemma package, whose loading is measured too")

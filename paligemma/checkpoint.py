@@ -153,7 +153,7 @@ _DTYPES_ON_DISK = {
     "F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "I64": torch.int64,
     "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
 }
-CONVERT_CHUNK_BYTES = 8 << 20  # bytes read at a time per thread when a tensor changes dtype: all a conversion holds extra
+CONVERT_CHUNK_BYTES = 8 << 20  # read at a time per thread when a tensor changes dtype: all a conversion holds extra
 READ_THREADS = min(4, os.cpu_count() or 1)
 
 
@@ -203,7 +203,7 @@ class _SafetensorsFile:
         return self.bytes[begin:end].view(dtype).view(self.shape(name))
 
     def read(self, name: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """The tensor converted to `dtype` on `device`, read `CONVERT_CHUNK_BYTES` at a time (plain reads, no mapping)."""
+        """The tensor converted to `dtype` on `device`, read `CONVERT_CHUNK_BYTES` at a time (plain reads, no map)."""
         stored = self.dtype(name)
         item = torch.empty((), dtype=stored).element_size()
         out = torch.empty(self.shape(name), dtype=dtype, device=device)

@@ -192,7 +192,7 @@ def _widened_product(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 class Linear(nn.Linear):
-    """`nn.Linear` whose product goes through `linear`: same parameters, same state dict, faster paths where they help."""
+    """`nn.Linear` whose product goes through `linear`: same parameters and state dict, faster where that helps."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)

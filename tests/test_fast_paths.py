@@ -58,7 +58,8 @@ def test_widened_path_is_as_exact_as_float32():
     with torch.no_grad():
         out = linear.linear(x, weight, bias)
     assert out.is_contiguous()
-    torch.testing.assert_close(out, F.linear(x.float(), weight.float(), bias.float()).to(torch.bfloat16), atol=0, rtol=0)
+    in_fp32 = F.linear(x.float(), weight.float(), bias.float()).to(torch.bfloat16)
+    torch.testing.assert_close(out, in_fp32, atol=0, rtol=0)
     step = 2**-7 * out.float().pow(2).mean().sqrt().item()  # PyTorch's bf16 kernel: sums in another order
     torch.testing.assert_close(out.float(), F.linear(x, weight, bias).float(), atol=step, rtol=2**-7)
 
