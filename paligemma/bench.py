@@ -113,6 +113,17 @@ def _reset_peak_rss() -> bool:
         return False
 
 
+def _return_free_memory() -> None:
+    """Ask the C allocator (glibc) to hand freed memory back to the system, so that the resident set at the start of a
+    measurement is what is in use, not what an earlier run freed: otherwise whoever runs first pays for both."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 @contextlib.contextmanager
 def peak_memory(device: torch.device) -> Iterator[dict[str, float]]:
     """Peak memory while the block runs: the process's resident set (CPU) or allocated memory (CUDA), in bytes.
@@ -127,6 +138,7 @@ def peak_memory(device: torch.device) -> Iterator[dict[str, float]]:
         record["peak"] = torch.cuda.max_memory_allocated(device)
         return
     gc.collect()
+    _return_free_memory()
     reset = _reset_peak_rss()
     record["start"] = _status_bytes("VmRSS") or 0
     yield record
@@ -519,6 +531,8 @@ def profile_phases(implementation: str, model: torch.nn.Module, reference: torch
 
     from .kv_cache import DynamicCache
 
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # the profiler's backend would log its start and stop on stderr
+
     def analyse(prof: Any, wall: float) -> dict[str, Any]:
         events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
         shares: dict[str, float] = {}
@@ -621,13 +635,17 @@ def measure_load(implementation: str, directory: Path, dtype: torch.dtype,
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     here = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [library, here, os.environ.get("PYTHONPATH")]))
-    result = subprocess.run(
-        [sys.executable, "-c", LOAD_PROBE, implementation, str(directory), _dtype_name(dtype)],
-        capture_output=True, text=True, env=env,
+    result = subprocess.run(  # run outside the checkout, or `python -c` would import the package found there first
+        [sys.executable, "-c", LOAD_PROBE, implementation, str(Path(directory).resolve()), _dtype_name(dtype)],
+        capture_output=True, text=True, env=env, cwd=tempfile.gettempdir(),
     )
     if result.returncode != 0:
         raise RuntimeError(f"loading with {implementation} failed:\n{result.stderr[-3000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    measured = json.loads(result.stdout.strip().splitlines()[-1])
+    expected = Path(library or here).resolve() / "paligemma" / "__init__.py"
+    if implementation == "ours" and Path(measured["library"]).resolve() != expected:
+        raise RuntimeError(f"the load probe imported {measured['library']}, not {expected}")
+    return measured
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -729,6 +747,8 @@ def run(preset: str = "3b-224", dtypes: tuple[str, ...] = ("bf16", "fp32"), batc
             log(f"{dtype_name}: loading the weights into both libraries")
             model = load_model(directory, device=device, dtype=dtype)
             reference = reference_sharing_weights(model)
+            for param in model.parameters():  # bring mapped weights in now, not in whichever run comes first
+                param.detach().reshape(-1)[:: max(1, 4096 // param.element_size())].float().sum()
             weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
             report["model"][f"weight_bytes_{dtype_name}"] = weight_bytes
             bandwidth = report.get("limits", {}).get("bandwidth", {}).get("gb_per_s")

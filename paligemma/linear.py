@@ -165,30 +165,56 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if path == "torch":
         return F.linear(x, weight, bias)
     rows = x.reshape(-1, x.shape[-1])
-    if path == "few_rows":
-        out = KERNEL.get().few_rows_linear(rows.contiguous(), weight.contiguous())  # fp32 sums
-    else:
-        out = _widened_product(rows, weight)
+    if path == "widen":
+        return _widened_product(rows, weight, bias).reshape(*x.shape[:-1], weight.shape[0])
+    out = KERNEL.get().few_rows_linear(rows.contiguous(), weight.contiguous())  # fp32 sums
     if bias is not None:
         out += bias.float()  # added to the fp32 sums, rounded once below, as PyTorch's bf16 kernels do
-    return out.to(x.dtype, memory_format=torch.contiguous_format).reshape(*x.shape[:-1], weight.shape[0])
+    return out.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
 
 
-def _widened_product(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """rows [M, K] @ weight [N, K]^T in fp32, widening `SLICE_ELEMENTS` of the weights at a time -> [M, N] fp32."""
+_BUFFERS = threading.local()
+
+
+def _buffer(name: str, numel: int) -> torch.Tensor:
+    """A float32 work buffer kept from call to call (per thread), grown when too small.
+
+    A prefill widens about a gigabyte of temporaries; fresh allocations that large come from the operating system
+    page by page, zero-filled, which cost the full-size prefill most of a second before buffers were kept.
+    """
+    held = getattr(_BUFFERS, name, None)
+    if held is None or held.numel() < numel:
+        held = None  # let the old one go before the larger one is made
+        held = torch.empty(numel, dtype=torch.float32)
+        setattr(_BUFFERS, name, held)
+    return held[:numel]
+
+
+def release_buffers() -> None:
+    """Free the work buffers of the widened products (they are made again when next needed)."""
+    _BUFFERS.__dict__.clear()
+
+
+def _widened_product(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """rows [M, K] @ weight [N, K]^T (+ bias) with fp32 arithmetic, widening `SLICE_ELEMENTS` weights at a time.
+
+    Each slice of weight rows is widened into a work buffer, multiplied in fp32, the bias added to the fp32 sums,
+    and the slice of output columns rounded once into the result [M, N] (rows' dtype).
+    """
     n, k = weight.shape
-    x32 = rows.float()
-    step = max(1, SLICE_ELEMENTS // k)
-    if step >= n:
-        return F.linear(x32, weight.float())
-    out = torch.empty(n, rows.shape[0], dtype=torch.float32)  # [N, M]: each slice fills contiguous rows
-    scratch = torch.empty(step, k, dtype=torch.float32)
-    x32t = x32.t()
+    m = rows.shape[0]
+    step = min(n, max(1, SLICE_ELEMENTS // k))
+    result = torch.empty(m, n, dtype=rows.dtype)
+    x32 = _buffer("rows", m * k).view(m, k).copy_(rows)
+    bias32 = None if bias is None else bias.float()
     for start in range(0, n, step):
         end = min(n, start + step)
-        widened = scratch[: end - start].copy_(weight[start:end])
-        torch.mm(widened, x32t, out=out[start:end])
-    return out.t()
+        widened = _buffer("weights", (end - start) * k).view(end - start, k).copy_(weight[start:end])  # exact
+        sums = torch.mm(x32, widened.t(), out=_buffer("sums", m * (end - start)).view(m, end - start))
+        if bias32 is not None:
+            sums += bias32[start:end]  # added to the fp32 sums, rounded once below, as PyTorch's bf16 kernels do
+        result[:, start:end].copy_(sums)
+    return result
 
 
 class Linear(nn.Linear):
