@@ -3,14 +3,15 @@
 Every projection in the model is one of these products, and they are nearly all of its time. Two regimes:
 
 - **Decoding** multiplies one row per sequence (a handful) by each weight matrix: each weight is used once per
-  step, so the step's time is the time to read the weights from memory. PyTorch's bf16 kernel (oneDNN)
-  rearranges the weights as it goes for such shapes and reads them well below the memory's speed. For at most
-  `FEW_ROWS` rows, a small C++ kernel (`csrc/linear_cpu.cpp`, compiled on first use) streams each weight row
-  once with AVX-512 instead.
+  step, so the step's time is the time to read the weights from memory. PyTorch's bf16 kernel (oneDNN), given
+  plain row-major weights at every call, reads them at about half the memory's speed for such shapes (measured:
+  `python -m paligemma.bench`). For at most `FEW_ROWS` rows, a small C++ kernel (`csrc/linear_cpu.cpp`,
+  compiled on first use) streams each weight row once with AVX-512 instead.
 - **Prefill** and the vision tower multiply hundreds of rows, and the work is arithmetic. On CPUs without AMX,
-  bf16 arithmetic (VDPBF16PS) is no faster than fp32 fused multiply-adds, and PyTorch's bf16 kernels run well
-  below its fp32 ones; so for at least `MANY_ROWS` rows the bf16 weights are widened to fp32 a slice at a time
-  and multiplied by fp32 kernels. Only a slice is ever widened, so memory stays that of the bf16 weights.
+  PyTorch's bf16 matrix products (VDPBF16PS) run well below its fp32 ones (60% on the machine of the book's
+  benchmark); so for at least `MANY_ROWS` rows the bf16 weights are widened to fp32 a slice at a time and
+  multiplied by fp32 kernels. Only a slice is ever widened, into work buffers kept between calls (tens of MB),
+  so memory stays that of the bf16 weights plus those buffers (`release_buffers` frees them).
 
 Both paths compute what the plain product computes: products of bf16 numbers are exact in fp32, sums are in
 fp32, and the result is rounded to bf16 once, as in PyTorch's own bf16 kernels; only the order of the sums
@@ -36,7 +37,7 @@ from torch import nn
 
 FEW_ROWS = 8  # up to this many rows: the streaming kernel (decoding, batch up to 8)
 MANY_ROWS = 64  # from this many rows: bf16 weights widened to fp32 slices (prefill, vision); measured crossover
-SLICE_ELEMENTS = 1 << 22  # weights widened per fp32 matrix product: 16 MB, cache-sized
+SLICE_ELEMENTS = 1 << 22  # weights widened per fp32 matrix product: 16 MB
 
 
 @dataclass
