@@ -37,8 +37,7 @@ import torch
 from PIL import Image
 
 from .errors import PaliGemmaError
-from .generation import check_generation_settings, choose_next_token
-from .kv_cache import DynamicCache
+from .generation import check_generation_settings, generate_ids
 from .model import PaliGemmaForConditionalGeneration
 from .processing import ImageInput, PaliGemmaProcessor
 
@@ -310,36 +309,28 @@ def attention_maps(
     length = input_ids.shape[1]
     image_positions = (input_ids[0] == model.config.image_token_index).nonzero().squeeze(-1).cpu()  # [P]
     prompt_positions = torch.arange(int(image_positions.max()) + 1, length)  # the text after the image
-    eos = model.config.text_config.eos_token_id
-    generator = None
-    if do_sample:
-        generator = torch.Generator(device=device)
-        generator.manual_seed(seed if seed is not None else torch.seed())
+    vision_rows: list[torch.Tensor] = []
+    prompt_rows: list[torch.Tensor] = []
+    step_rows: list[torch.Tensor] = []  # each [layers, heads, positions seen]
+
+    def keep(out) -> None:
+        """Each forward pass's weights: the prompt's pass first (vision and prompt rows), then one per token."""
+        if not step_rows:
+            vision_rows.extend(w[0] for w in out.vision_attentions)
+            # The prefix's rows for the prompt text: [layers] of [heads, q, keys] -> [T, layers, heads, prefix]
+            rows = [_rows(w[0][:, prompt_positions.to(device)], length) for w in out.text_attentions]
+            prompt_rows.append(torch.stack(rows, 1))
+        total = length + len(step_rows)  # positions this pass's last query sees
+        step_rows.append(torch.stack([_rows(w[0][:, -1:], total)[0] for w in out.text_attentions]))
 
     with eager_attention(model):
-        cache = DynamicCache()
-        out = model(
-            input_ids, pixel_values=batch["pixel_values"].to(device), attention_mask=attention_mask,
-            token_type_ids=batch["token_type_ids"].to(device), kv_cache=cache, logits_to_keep=1,
-            return_attentions=True,
+        ids = generate_ids(
+            model, input_ids, attention_mask, batch["pixel_values"], batch["token_type_ids"],
+            max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+            seed=seed, return_attentions=True, on_forward=keep,
         )
-        vision = torch.stack([w[0] for w in out.vision_attentions]).float().cpu()  # [layers, heads, P, P]
-        # The prefix's rows for the prompt text: [layers] of [heads, q, keys] -> [T, layers, heads, prefix]
-        prompt_rows = torch.stack([_rows(w[0][:, prompt_positions.to(device)], length) for w in out.text_attentions], 1)
-        step_rows = [torch.stack([_rows(w[0][:, -1:], length)[0] for w in out.text_attentions])]  # [layers, heads, L]
-        tokens: list[int] = []
-        position = attention_mask.sum(-1, keepdim=True)  # the last real token's position (the first is 1)
-        for step in range(max_new_tokens):
-            token = choose_next_token(out.logits[:, -1], do_sample, temperature, top_k, top_p, generator)
-            tokens.append(int(token[0]))
-            if tokens[-1] == eos or step == max_new_tokens - 1:
-                break
-            attention_mask = torch.cat([attention_mask, attention_mask.new_ones((1, 1))], dim=-1)
-            position = position + 1
-            out = model(token[:, None], attention_mask=attention_mask, position_ids=position, kv_cache=cache,
-                        return_attentions=True)
-            total = attention_mask.shape[1]
-            step_rows.append(torch.stack([_rows(w[0], total)[0] for w in out.text_attentions]))
+    tokens = ids[0].tolist()
+    vision = torch.stack(vision_rows).float().cpu()  # [layers, heads, P, P]
 
     positions = length + len(tokens) - 1  # step t's query sees length + t positions; the last sees them all
     generated_rows = torch.stack([
@@ -352,7 +343,7 @@ def attention_maps(
         prompt_tokens=[_piece(processor, int(t)) for t in input_ids[0, prompt_positions.to(device)].tolist()],
         vision=vision,
         generated_rows=generated_rows,
-        prompt_rows=prompt_rows.float().cpu(),
+        prompt_rows=prompt_rows[0].float().cpu(),
         image_positions=image_positions,
         prompt_positions=prompt_positions,
         image=_image_as_seen(batch["pixel_values"][0]),

@@ -125,11 +125,12 @@ class GemmaDecoderLayer(nn.Module):
     """x + attention(RMSNorm(x)), then x + MLP(RMSNorm(x))."""
 
     attention_type = "full_attention"  # which mask the layer takes when the model builds one per kind of layer
+    attention_class: type[GemmaAttention] = GemmaAttention
 
     def __init__(self, config: GemmaConfig, layer_idx: int) -> None:
         super().__init__()
         self.input_layernorm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = GemmaAttention(config, layer_idx)
+        self.self_attn = self.attention_class(config, layer_idx)
         self.post_attention_layernorm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = GemmaMLP(config)
 

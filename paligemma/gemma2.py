@@ -17,7 +17,7 @@ import torch
 
 from .attention import soft_cap
 from .config import SLIDING, Gemma2Config
-from .gemma import GemmaAttention, GemmaLanguageModel, GemmaMLP, GemmaRMSNorm
+from .gemma import GemmaAttention, GemmaDecoderLayer, GemmaLanguageModel, GemmaRMSNorm
 from .kv_cache import KVCache
 
 
@@ -31,17 +31,15 @@ class Gemma2Attention(GemmaAttention):
         self.sliding_window = config.layer_sliding_windows[layer_idx]
 
 
-class Gemma2DecoderLayer(torch.nn.Module):
+class Gemma2DecoderLayer(GemmaDecoderLayer):
     """x + norm(attention(norm(x))), then x + norm(MLP(norm(x))): a norm before and after each block."""
 
+    attention_class = Gemma2Attention
+
     def __init__(self, config: Gemma2Config, layer_idx: int) -> None:
-        super().__init__()
+        super().__init__(config, layer_idx)
         self.attention_type = config.layer_types[layer_idx]
-        self.input_layernorm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Gemma2Attention(config, layer_idx)
-        self.post_attention_layernorm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.pre_feedforward_layernorm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = GemmaMLP(config)
         self.post_feedforward_layernorm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
 
     @property

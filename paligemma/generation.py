@@ -14,7 +14,7 @@ import torch
 
 from .errors import PaliGemmaError
 from .kv_cache import DynamicCache, KVCache, StaticCache
-from .model import PaliGemmaForConditionalGeneration
+from .model import PaliGemmaForConditionalGeneration, PaliGemmaOutput
 from .processing import ImageInput, PaliGemmaProcessor
 
 
@@ -94,11 +94,14 @@ def generate_ids(
     seed: int | None = None,
     cache: str | KVCache = "dynamic",
     on_token: Callable[[torch.Tensor], None] | None = None,
+    return_attentions: bool = False,
+    on_forward: Callable[[PaliGemmaOutput], None] | None = None,
 ) -> torch.Tensor:
     """New token ids [b, steps] for a processed batch; after its `<eos>` a sequence is filled with pad.
 
     `on_token`, if given, is called with each step's tokens [b] as soon as they are chosen (to stream the
-    answer, or to time each step as the benchmark does).
+    answer, or to time each step as the benchmark does). `on_forward` sees each forward pass's output (the
+    prompt's, then one per new token but the last), with attention weights when `return_attentions`.
     """
     check_generation_settings(max_new_tokens, do_sample, temperature, top_k, top_p)
     text_config = model.config.text_config
@@ -134,7 +137,10 @@ def generate_ids(
         token_type_ids=None if token_type_ids is None else token_type_ids.to(device),
         kv_cache=cache,
         logits_to_keep=1,
+        return_attentions=return_attentions,
     )
+    if on_forward is not None:
+        on_forward(out)
     position = attention_mask.sum(-1, keepdim=True)  # [b, 1]: the last real token's position (first is 1)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     new_tokens = []
@@ -149,7 +155,10 @@ def generate_ids(
             break
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones((batch, 1))], dim=-1)
         position = position + 1
-        out = model(token[:, None], attention_mask=attention_mask, position_ids=position, kv_cache=cache)
+        out = model(token[:, None], attention_mask=attention_mask, position_ids=position, kv_cache=cache,
+                    return_attentions=return_attentions)
+        if on_forward is not None:
+            on_forward(out)
     return torch.stack(new_tokens, dim=1)
 
 

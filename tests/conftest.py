@@ -147,6 +147,29 @@ def random_image(seed: int, width: int = 40, height: int = 30, mode: str = "RGB"
 MEASURED: dict[str, float] = {}
 
 
+@torch.no_grad()
+def cached_and_recomputed_logits(model, prompt: dict, new_tokens: torch.Tensor, cache) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode `new_tokens` [b, steps] one at a time through `cache` after the prompt, and the same sequence in one
+    uncached pass; both as logits [b, steps, vocab] for the positions that predict each new token."""
+    batch, steps = new_tokens.shape
+    out = model(**prompt, kv_cache=cache)
+    cached = [out.logits[:, -1]]
+    mask = prompt["attention_mask"]
+    for step in range(steps - 1):
+        mask = torch.cat([mask, torch.ones(batch, 1, dtype=mask.dtype)], dim=-1)
+        out = model(new_tokens[:, step : step + 1], attention_mask=mask, kv_cache=cache)
+        cached.append(out.logits[:, -1])
+    # The same sequence in one pass, without a cache: prompt then the suffix tokens, causal.
+    suffix = torch.ones_like(new_tokens[:, :-1])
+    recomputed = model(
+        torch.cat([prompt["input_ids"], new_tokens[:, :-1]], dim=-1), pixel_values=prompt["pixel_values"],
+        attention_mask=torch.cat([prompt["attention_mask"], suffix], dim=-1),
+        token_type_ids=torch.cat([prompt["token_type_ids"], suffix], dim=-1),
+    ).logits
+    length = prompt["input_ids"].shape[1]
+    return torch.stack(cached, dim=1), recomputed[:, length - 1 :]
+
+
 def assert_matches(actual: torch.Tensor, expected: torch.Tensor, atol: float = 1e-5, rtol: float = 1e-5) -> None:
     """`assert_close`, also recording max |actual - expected| under the current test's name."""
     import os

@@ -16,6 +16,7 @@ import torch
 from conftest import (
     TOKENIZER_VOCAB,
     assert_matches,
+    cached_and_recomputed_logits,
     random_image,
     random_reference_model,
     reference_processor,
@@ -172,20 +173,8 @@ def test_cached_decoding_equals_recomputation_past_the_window(pg2_checkpoint, ca
     else:
         cache = StaticCache(config.num_hidden_layers, 2, config.num_key_value_heads, config.head_dim, length + steps,
                             sliding_windows=config.layer_sliding_windows)
-    with torch.no_grad():
-        out = model(**prompt, kv_cache=cache)
-        cached_logits = [out.logits[:, -1]]
-        mask = prompt["attention_mask"]
-        for step in range(steps - 1):
-            mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], dim=-1)
-            out = model(new_tokens[:, step : step + 1], attention_mask=mask, kv_cache=cache)
-            cached_logits.append(out.logits[:, -1])
-        recomputed = model(
-            torch.cat([prompt["input_ids"], new_tokens[:, :-1]], dim=-1), pixel_values=prompt["pixel_values"],
-            attention_mask=torch.cat([prompt["attention_mask"], torch.ones_like(new_tokens[:, :-1])], dim=-1),
-            token_type_ids=torch.cat([prompt["token_type_ids"], torch.ones_like(new_tokens[:, :-1])], dim=-1),
-        ).logits
-    assert_matches(torch.stack(cached_logits, dim=1), recomputed[:, length - 1 :], **TOL)
+    cached, recomputed = cached_and_recomputed_logits(model, prompt, new_tokens, cache)
+    assert_matches(cached, recomputed, **TOL)
     assert cache.get_seq_length() == length + steps - 1
     # The sliding layers keep only what a later token can still see; the global layer keeps everything.
     held = [cache.keys[i].shape[2] for i in range(config.num_hidden_layers)]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 
-from conftest import assert_matches, random_image
+from conftest import assert_matches, cached_and_recomputed_logits, random_image
 from paligemma import DynamicCache, PaliGemmaConfig, PaliGemmaForConditionalGeneration, StaticCache, load_pretrained
 from paligemma.checkpoint import to_library_name
 
@@ -85,23 +85,9 @@ def test_kv_cache_decoding_equals_recomputation(mqa_checkpoint, cache_kind):
     else:
         cache = StaticCache(config.num_hidden_layers, 2, config.num_key_value_heads, config.head_dim,
                             prompt["input_ids"].shape[1] + steps)
-    with torch.no_grad():
-        out = model(**prompt, kv_cache=cache)
-        cached_logits = [out.logits[:, -1]]
-        mask = prompt["attention_mask"]
-        for step in range(steps - 1):
-            mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], dim=-1)
-            out = model(new_tokens[:, step : step + 1], attention_mask=mask, kv_cache=cache)
-            cached_logits.append(out.logits[:, -1])
-        # The same sequence in one pass, without a cache: prompt then the suffix tokens, causal.
-        input_ids = torch.cat([prompt["input_ids"], new_tokens[:, :-1]], dim=-1)
-        token_types = torch.cat([prompt["token_type_ids"], torch.ones_like(new_tokens[:, :-1])], dim=-1)
-        attention_mask = torch.cat([prompt["attention_mask"], torch.ones_like(new_tokens[:, :-1])], dim=-1)
-        recomputed = model(
-            input_ids, pixel_values=prompt["pixel_values"], attention_mask=attention_mask, token_type_ids=token_types
-        ).logits
+    cached, recomputed = cached_and_recomputed_logits(model, prompt, new_tokens, cache)
     length = prompt["input_ids"].shape[1]
-    assert_matches(torch.stack(cached_logits, dim=1), recomputed[:, length - 1 :], **TOL)
+    assert_matches(cached, recomputed, **TOL)
     assert cache.get_seq_length() == length + steps - 1
 
 
