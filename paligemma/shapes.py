@@ -75,12 +75,18 @@ def _background(rng: random.Random, size: int) -> Image.Image:
 
 
 def _place(rng: random.Random, size: int, taken: list[tuple[int, int, int, int]]) -> tuple[int, int, int, int] | None:
-    """A square box of random side that keeps a 3-pixel gap from the boxes already placed, or None."""
+    """A square box of random side that keeps a 3-pixel gap from the boxes already placed, or None.
+
+    Its centre also lies at least a tenth of the image away, left or right, from every placed box's centre, so
+    that the caption's "left to right" order is never a coin toss between two shapes stacked one above the other.
+    """
     for _ in range(50):
         side = rng.randint(int(size * 0.2), int(size * 0.36))
         x, y = rng.randint(1, size - side - 2), rng.randint(1, size - side - 2)
         box = (x, y, x + side, y + side)
-        if all(box[2] + 3 < t[0] or t[2] + 3 < box[0] or box[3] + 3 < t[1] or t[3] + 3 < box[1] for t in taken):
+        apart = all(box[2] + 3 < t[0] or t[2] + 3 < box[0] or box[3] + 3 < t[1] or t[3] + 3 < box[1] for t in taken)
+        distinct_order = all(abs((box[0] + box[2]) - (t[0] + t[2])) >= 2 * (size // 10) for t in taken)
+        if apart and distinct_order:
             return box
     return None
 
@@ -95,16 +101,28 @@ def make_scene(rng: random.Random, size: int = 112) -> Scene:
         if box is None:
             break
         kind, color = rng.choice(KINDS), rng.choice(list(COLORS))
-        fill = COLORS[color]
-        x0, y0, x1, y1 = box
-        if kind == "circle":
-            draw.ellipse(box, fill=fill)
-        elif kind == "square":
-            draw.rectangle(box, fill=fill)
-        else:
-            draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=fill)
+        _draw_shape(draw, kind, box, COLORS[color])
         shapes.append(Shape(kind, color, box))
     return Scene(image, shapes)
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, kind: str, box: tuple[int, int, int, int], fill) -> None:
+    x0, y0, x1, y1 = box
+    if kind == "circle":
+        draw.ellipse(box, fill=fill)
+    elif kind == "square":
+        draw.rectangle(box, fill=fill)
+    else:
+        draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=fill)
+
+
+def label_map(scene: Scene) -> Image.Image:
+    """A mode-"L" image of the scene's size: 0 on the background, i + 1 on the pixels of `scene.shapes[i]`."""
+    labels = Image.new("L", scene.image.size, 0)
+    draw = ImageDraw.Draw(labels)
+    for index, shape in enumerate(scene.shapes):
+        _draw_shape(draw, shape.kind, shape.box, index + 1)
+    return labels
 
 
 def caption(scene: Scene) -> str:

@@ -46,15 +46,16 @@ def tiny_shapes_config(vocab_size: int, image_size: int = 112) -> PaliGemmaConfi
 
 @dataclass
 class TrainSettings:
-    steps: int = 2900
-    vision_steps: int = 0  # stage 0: the vision tower alone learns which shapes of which colours a scene holds
+    steps: int = 1800
+    vision_steps: int = 6400  # stage 0: the vision tower alone learns what each patch shows and where its shape lies
+    vision_batch_size: int = 8  # stage 0 gains more from many small steps than from few large ones
     batch_size: int = 32
     learning_rate: float = 1e-3
     warmup_steps: int = 100
     min_learning_rate: float = 5e-5
     weight_decay: float = 0.01
     grad_clip: float = 1.0
-    eval_every: int = 725
+    eval_every: int = 450
     eval_examples: int = 96
     checkpoint_every: int = 250
     seed: int = 0
@@ -142,16 +143,50 @@ def build_optimizer(model: nn.Module, settings: TrainSettings) -> torch.optim.Ad
     return torch.optim.AdamW(groups, lr=settings.learning_rate, betas=(0.9, 0.95))
 
 
+PAIRS = [(kind, color) for kind in shapes.KINDS for color in shapes.COLORS]  # the 15 things a patch can show
+
+
+def patch_targets(scenes: list[shapes.Scene], patch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What each patch shows, for stage 0: class shares, the box of its main shape, and where that box counts.
+
+    Returns `shares` [b, patches, 16] (the fraction of the patch's pixels that are background, class 0, or each
+    (kind, colour) pair, classes 1-15), `boxes` [b, patches, 4] (x_min, y_min, x_max, y_max of the shape covering
+    most of the patch, in fractions of the image) and `has_box` [b, patches] (that shape covers at least 15%).
+    """
+    size = scenes[0].size
+    slots = 1 + max(len(scene.shapes) for scene in scenes)  # background and up to three shapes
+    labels = torch.stack([torch.as_tensor(bytearray(shapes.label_map(scene).tobytes()), dtype=torch.long)
+                          for scene in scenes]).reshape(len(scenes), size, size)  # [b, H, W] slot per pixel
+    side = size // patch_size
+    coverage = nn.functional.one_hot(labels, slots).float()  # [b, H, W, slots]
+    coverage = coverage.reshape(len(scenes), side, patch_size, side, patch_size, slots).mean(dim=(2, 4))
+    coverage = coverage.reshape(len(scenes), side * side, slots)  # [b, patches, slots]: share of each slot
+    slot_class = torch.zeros(len(scenes), slots, dtype=torch.long)  # [b, slots]: background stays class 0
+    slot_box = torch.zeros(len(scenes), slots, 4)  # [b, slots, 4]
+    for i, scene in enumerate(scenes):
+        for j, shape in enumerate(scene.shapes):
+            slot_class[i, j + 1] = 1 + PAIRS.index((shape.kind, shape.color))
+            x0, y0, x1, y1 = shape.box
+            slot_box[i, j + 1] = torch.tensor([x0, y0, x1 + 1, y1 + 1]) / size
+    shares = torch.zeros(len(scenes), side * side, 1 + len(PAIRS))
+    shares.scatter_add_(2, slot_class[:, None, :].expand(-1, side * side, -1), coverage)  # [b, patches, 16]
+    main_share, main_slot = coverage[..., 1:].max(dim=-1)  # [b, patches]: the shape covering most of each patch
+    boxes = torch.gather(slot_box, 1, (main_slot + 1)[..., None].expand(-1, -1, 4))  # [b, patches, 4]
+    return shares, boxes, main_share >= 0.15
+
+
 def pretrain_vision(model: PaliGemmaForConditionalGeneration, settings: TrainSettings, log=print) -> list[dict]:
-    """Stage 0: train the vision tower alone to say which (kind, colour) pairs a scene holds.
+    """Stage 0: train the vision tower alone to say, patch by patch, what it shows and where that shape lies.
 
     PaliGemma starts from a SigLIP encoder that was trained on its own first; this is the shapes world's
-    version. A linear head scores every patch for each of the 15 pairs and the image's score is the best
-    patch's (max pooling), so each patch must come to encode what it shows. The head is thrown away after.
+    version. A linear head reads every patch's output: 16 scores (background or one of the 15 (kind, colour)
+    pairs, learnt against the shares of the patch's pixels) and the box of the shape that covers most of it.
+    Every patch must come to encode what it shows and where that thing's edges are, which is what the
+    language model later reads through the projector. The head is thrown away after.
     """
     tower, device = model.vision_tower, settings.device
-    pairs = [(kind, color) for kind in shapes.KINDS for color in shapes.COLORS]
-    head = nn.Linear(model.config.vision_config.hidden_size, len(pairs)).to(device)
+    patch_size = model.config.vision_config.patch_size
+    head = nn.Linear(model.config.vision_config.hidden_size, 1 + len(PAIRS) + 4).to(device)
     optimizer = torch.optim.AdamW([*tower.parameters(), *head.parameters()], lr=settings.learning_rate,
                                   betas=(0.9, 0.95), weight_decay=settings.weight_decay)
     schedule = replace(settings, steps=settings.vision_steps, warmup_steps=min(settings.warmup_steps,
@@ -162,22 +197,29 @@ def pretrain_vision(model: PaliGemmaForConditionalGeneration, settings: TrainSet
         lr = learning_rate_at(step, schedule)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        scenes = [shapes.make_scene(rng, settings.image_size) for _ in range(settings.batch_size)]
+        scenes = [shapes.make_scene(rng, settings.image_size) for _ in range(settings.vision_batch_size)]
         pixels = torch.stack([preprocess_image(scene.image, settings.image_size) for scene in scenes]).to(device)
-        present = torch.tensor([[float(any((s.kind, s.color) == pair for s in scene.shapes)) for pair in pairs]
-                                for scene in scenes], device=device)  # [b, 15]
-        scores = head(tower(pixels)).amax(dim=1)  # [b, patches, 15] -> [b, 15]: the best patch speaks for the image
-        loss = nn.functional.binary_cross_entropy_with_logits(scores, present)
+        shares, boxes, has_box = (t.to(device) for t in patch_targets(scenes, patch_size))
+        output = head(tower(pixels))  # [b, patches, 16 + 4]
+        scores, predicted_boxes = output[..., : 1 + len(PAIRS)], output[..., 1 + len(PAIRS) :]
+        class_loss = nn.functional.cross_entropy(scores.flatten(0, 1), shares.flatten(0, 1))
+        box_error = (predicted_boxes - boxes).abs().sum(dim=-1)  # [b, patches]: L1 over the four edges
+        box_loss = (box_error * has_box).sum() / has_box.sum().clamp(min=1)
+        loss = class_loss + box_loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(tower.parameters(), settings.grad_clip)
         optimizer.step()
-        correct = ((scores > 0).float() == present).all(dim=1).float().mean().item()
-        history.append({"step": step + 1, "loss": round(loss.item(), 5), "lr": lr, "exact": round(correct, 4)})
+        main = shares[..., 1:].amax(dim=-1) >= 0.5  # patches mostly covered by one shape
+        right = (scores.argmax(dim=-1) == shares.argmax(dim=-1))[main].float().mean().item()
+        history.append({"step": step + 1, "loss": round(loss.item(), 5), "lr": lr, "patch_accuracy": round(right, 4),
+                        "box_error": round(box_loss.item() / 4 * settings.image_size, 3)})  # pixels per edge
         _progress(step + 1, settings.vision_steps, loss.item(), lr, started)
     if settings.vision_steps:
         sys.stderr.write("\n")
-        log(f"vision stage: {settings.vision_steps} steps, loss {history[-1]['loss']:.4f}")
+        last = history[-1]
+        log(f"vision stage: {settings.vision_steps} steps, loss {last['loss']:.4f}, "
+            f"patch accuracy {last['patch_accuracy']:.3f}, box edges off by {last['box_error']:.1f} px")
     return history
 
 
