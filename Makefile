@@ -27,7 +27,8 @@ test: $(STAMP)
 
 ## Re-execute every notebook in place (after changing one), storing the new outputs.
 notebooks: $(STAMP)
-	$(BIN)/python -m jupyter nbconvert --to notebook --execute --inplace --ExecutePreprocessor.store_widget_state=False notebooks/*.ipynb
+	$(BIN)/python -m jupyter nbconvert --to notebook --execute --inplace notebooks/*.ipynb
+	$(BIN)/python .ci/tidy_notebooks.py notebooks/*.ipynb
 
 clean:
 	rm -rf $(VENV) _build
