@@ -20,6 +20,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -85,18 +86,30 @@ void rows(const T* x, const T* w, float* y, int64_t K, int64_t N, int64_t b0, in
   }
 }
 
-template <int M, int R>
-void run_bf16(const uint16_t* x, const uint16_t* w, float* y, int64_t K, int64_t N) {
+template <int M, int R, typename T>
+void run(const T* x, const T* w, float* y, int64_t K, int64_t N) {
   at::parallel_for(0, (N + R - 1) / R, 8, [&](int64_t b0, int64_t b1) {
-    rows<uint16_t, M, R>(x, w, y, K, N, b0, b1, block_bf16<M, R>, block_bf16<M, 1>);
+    if constexpr (std::is_same_v<T, uint16_t>) {
+      rows<T, M, R>(x, w, y, K, N, b0, b1, block_bf16<M, R>, block_bf16<M, 1>);
+    } else {
+      rows<T, M, R>(x, w, y, K, N, b0, b1, block_fp32<M, R>, block_fp32<M, 1>);
+    }
   });
 }
 
-template <int M, int R>
-void run_fp32(const float* x, const float* w, float* y, int64_t K, int64_t N) {
-  at::parallel_for(0, (N + R - 1) / R, 8, [&](int64_t b0, int64_t b1) {
-    rows<float, M, R>(x, w, y, K, N, b0, b1, block_fp32<M, R>, block_fp32<M, 1>);
-  });
+// M rows of x: the column block R shrinks as M grows, so that M * R accumulators stay in registers.
+template <typename T>
+void run_rows(int64_t M, const T* x, const T* w, float* y, int64_t K, int64_t N) {
+  switch (M) {
+    case 1: run<1, 8>(x, w, y, K, N); break;
+    case 2: run<2, 4>(x, w, y, K, N); break;
+    case 3: run<3, 4>(x, w, y, K, N); break;
+    case 4: run<4, 4>(x, w, y, K, N); break;
+    case 5: run<5, 3>(x, w, y, K, N); break;
+    case 6: run<6, 3>(x, w, y, K, N); break;
+    case 7: run<7, 3>(x, w, y, K, N); break;
+    default: run<8, 2>(x, w, y, K, N); break;
+  }
 }
 
 }  // namespace
@@ -111,32 +124,11 @@ at::Tensor few_rows_linear(const at::Tensor& x, const at::Tensor& weight) {
   auto y = at::zeros({M, N}, x.options().dtype(at::kFloat));
   float* yp = y.data_ptr<float>();
   if (x.scalar_type() == at::kBFloat16) {
-    auto xp = reinterpret_cast<const uint16_t*>(x.data_ptr());
-    auto wp = reinterpret_cast<const uint16_t*>(weight.data_ptr());
-    switch (M) {
-      case 1: run_bf16<1, 8>(xp, wp, yp, K, N); break;
-      case 2: run_bf16<2, 4>(xp, wp, yp, K, N); break;
-      case 3: run_bf16<3, 4>(xp, wp, yp, K, N); break;
-      case 4: run_bf16<4, 4>(xp, wp, yp, K, N); break;
-      case 5: run_bf16<5, 3>(xp, wp, yp, K, N); break;
-      case 6: run_bf16<6, 3>(xp, wp, yp, K, N); break;
-      case 7: run_bf16<7, 3>(xp, wp, yp, K, N); break;
-      default: run_bf16<8, 2>(xp, wp, yp, K, N); break;
-    }
+    run_rows(M, reinterpret_cast<const uint16_t*>(x.data_ptr()), reinterpret_cast<const uint16_t*>(weight.data_ptr()),
+             yp, K, N);
   } else {
     TORCH_CHECK(x.scalar_type() == at::kFloat, "bf16 or fp32");
-    auto xp = x.data_ptr<float>();
-    auto wp = weight.data_ptr<float>();
-    switch (M) {
-      case 1: run_fp32<1, 8>(xp, wp, yp, K, N); break;
-      case 2: run_fp32<2, 4>(xp, wp, yp, K, N); break;
-      case 3: run_fp32<3, 4>(xp, wp, yp, K, N); break;
-      case 4: run_fp32<4, 4>(xp, wp, yp, K, N); break;
-      case 5: run_fp32<5, 3>(xp, wp, yp, K, N); break;
-      case 6: run_fp32<6, 3>(xp, wp, yp, K, N); break;
-      case 7: run_fp32<7, 3>(xp, wp, yp, K, N); break;
-      default: run_fp32<8, 2>(xp, wp, yp, K, N); break;
-    }
+    run_rows(M, x.data_ptr<float>(), weight.data_ptr<float>(), yp, K, N);
   }
   return y;
 }
