@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import PaliGemmaError
+from .graph_decoding import FixedShapeDecoder
 from .kv_cache import DynamicCache, KVCache, StaticCache
 from .model import PaliGemmaForConditionalGeneration, PaliGemmaOutput
 from .processing import ImageInput, PaliGemmaProcessor
@@ -102,6 +103,8 @@ def generate_ids(
     `on_token`, if given, is called with each step's tokens [b] as soon as they are chosen (to stream the
     answer, or to time each step as the benchmark does). `on_forward` sees each forward pass's output (the
     prompt's, then one per new token but the last), with attention weights when `return_attentions`.
+    `cache`: "dynamic" (grows step by step), "static" (allocated once), "graph" (fixed-shape steps, replayed as
+    one CUDA graph each on a GPU: the fast way to decode there; `paligemma.graph_decoding`), or a KVCache.
     """
     check_generation_settings(max_new_tokens, do_sample, temperature, top_k, top_p)
     text_config = model.config.text_config
@@ -115,37 +118,50 @@ def generate_ids(
         )
     if max_new_tokens == 0:
         return input_ids.new_zeros((batch, 0))
-    if cache == "dynamic":
-        cache = DynamicCache()
-    elif cache == "static":
-        cache = StaticCache(
-            text_config.num_hidden_layers, batch, text_config.num_key_value_heads, text_config.head_dim,
-            prompt_length + max_new_tokens, dtype=model.dtype, device=device,
-            sliding_windows=text_config.layer_sliding_windows,
-        )
-    elif not isinstance(cache, KVCache):
-        raise PaliGemmaError(f"cache must be 'dynamic', 'static' or a KVCache, got {cache!r}")
     generator = None
     if do_sample:
         generator = torch.Generator(device=device)
         generator.manual_seed(seed if seed is not None else torch.seed())
+    pixel_values = pixel_values.to(device)
+    token_type_ids = None if token_type_ids is None else token_type_ids.to(device)
 
-    out = model(
-        input_ids,
-        pixel_values=pixel_values.to(device),
-        attention_mask=attention_mask,
-        token_type_ids=None if token_type_ids is None else token_type_ids.to(device),
-        kv_cache=cache,
-        logits_to_keep=1,
-        return_attentions=return_attentions,
-    )
-    if on_forward is not None:
-        on_forward(out)
-    position = attention_mask.sum(-1, keepdim=True)  # [b, 1]: the last real token's position (first is 1)
+    if cache == "graph":  # fixed-shape steps: one CUDA graph replayed per step on a GPU
+        if return_attentions or on_forward is not None:
+            raise PaliGemmaError("cache='graph' steps return logits only: use another cache for attentions or on_forward")
+        decoder = FixedShapeDecoder(model, batch, prompt_length + max_new_tokens)
+        logits = decoder.prefill(input_ids, attention_mask, pixel_values, token_type_ids)
+        next_logits = decoder.step
+    else:
+        if cache == "dynamic":
+            cache = DynamicCache()
+        elif cache == "static":
+            cache = StaticCache(
+                text_config.num_hidden_layers, batch, text_config.num_key_value_heads, text_config.head_dim,
+                prompt_length + max_new_tokens, dtype=model.dtype, device=device,
+                sliding_windows=text_config.layer_sliding_windows,
+            )
+        elif not isinstance(cache, KVCache):
+            raise PaliGemmaError(f"cache must be 'dynamic', 'static', 'graph' or a KVCache, got {cache!r}")
+        out = model(input_ids, pixel_values=pixel_values, attention_mask=attention_mask, token_type_ids=token_type_ids,
+                    kv_cache=cache, logits_to_keep=1, return_attentions=return_attentions)
+        if on_forward is not None:
+            on_forward(out)
+        logits = out.logits[:, -1]
+        state = {"mask": attention_mask, "position": attention_mask.sum(-1, keepdim=True)}  # [b, 1]: last real position
+
+        def next_logits(token: torch.Tensor) -> torch.Tensor:
+            state["mask"] = torch.cat([state["mask"], state["mask"].new_ones((batch, 1))], dim=-1)
+            state["position"] = state["position"] + 1
+            out = model(token[:, None], attention_mask=state["mask"], position_ids=state["position"], kv_cache=cache,
+                        return_attentions=return_attentions)
+            if on_forward is not None:
+                on_forward(out)
+            return out.logits[:, -1]
+
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     new_tokens = []
     for step in range(max_new_tokens):
-        token = choose_next_token(out.logits[:, -1], do_sample, temperature, top_k, top_p, generator)
+        token = choose_next_token(logits, do_sample, temperature, top_k, top_p, generator)
         token = token.masked_fill(finished, text_config.pad_token_id)
         new_tokens.append(token)
         if on_token is not None:
@@ -153,12 +169,7 @@ def generate_ids(
         finished |= token == text_config.eos_token_id
         if bool(finished.all()) or step == max_new_tokens - 1:
             break
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones((batch, 1))], dim=-1)
-        position = position + 1
-        out = model(token[:, None], attention_mask=attention_mask, position_ids=position, kv_cache=cache,
-                    return_attentions=return_attentions)
-        if on_forward is not None:
-            on_forward(out)
+        logits = next_logits(token)
     return torch.stack(new_tokens, dim=1)
 
 

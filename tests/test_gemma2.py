@@ -17,6 +17,7 @@ from conftest import (
     TOKENIZER_VOCAB,
     assert_matches,
     cached_and_recomputed_logits,
+    fixed_shape_logits,
     random_image,
     random_reference_model,
     reference_processor,
@@ -184,7 +185,22 @@ def test_cached_decoding_equals_recomputation_past_the_window(pg2_checkpoint, ca
         assert held == [WINDOW, length + steps, WINDOW]
 
 
-@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_fixed_shape_steps_equal_recomputation_past_the_window(pg2_checkpoint):
+    """The CUDA-graph-ready step attends over whole buffers: its masks alone must keep padding, unwritten positions
+    and (on sliding layers) positions beyond the window out."""
+    directory, _ = pg2_checkpoint
+    model, processor = load_pretrained(directory)
+    prompt = processor(text=PROMPTS, images=[random_image(5), random_image(6)])
+    suffix_ids = [processor.tokenizer.encode(s) for s in ["red circle and blue square and a green triangle",
+                                                          "two small cats and a big dog on the left"]]
+    steps = min(len(ids) for ids in suffix_ids)
+    assert steps > WINDOW and prompt["attention_mask"].min() == 0, "past the window, with a padded prompt"
+    new_tokens = torch.tensor([ids[:steps] for ids in suffix_ids])
+    _, recomputed = cached_and_recomputed_logits(model, prompt, new_tokens, DynamicCache())
+    assert_matches(fixed_shape_logits(model, prompt, new_tokens), recomputed, **TOL)
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static", "graph"])
 def test_greedy_matches_reference(pg2_checkpoint, cache):
     directory, ref = pg2_checkpoint
     model, processor = load_pretrained(directory)

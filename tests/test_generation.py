@@ -34,7 +34,7 @@ def strip_after_eos(rows, eos=1):
 
 
 @pytest.mark.parametrize("name", ["mqa", "gqa"])
-@pytest.mark.parametrize("cache", ["dynamic", "static"])
+@pytest.mark.parametrize("cache", ["dynamic", "static", "graph"])
 def test_greedy_matches_reference_single_prompt(request, name, cache):
     directory, ref = request.getfixturevalue(f"{name}_checkpoint")
     model, processor = load_pretrained(directory)
@@ -48,12 +48,14 @@ def test_greedy_matches_reference_single_prompt(request, name, cache):
 
 
 @pytest.mark.parametrize("name", ["mqa", "gqa"])
-def test_greedy_matches_reference_padded_batch(request, name):
+@pytest.mark.parametrize("cache", ["dynamic", "graph"])
+def test_greedy_matches_reference_padded_batch(request, name, cache):
     directory, ref = request.getfixturevalue(f"{name}_checkpoint")
     model, processor = load_pretrained(directory)
     images = [random_image(11), random_image(12, 80, 20), random_image(13, 20, 80)]
     prompts = ["caption en", "answer en what color is the big circle on the left?", "detect cat ; dog"]
-    result = generate(model, processor, images=images, prompts=prompts, max_new_tokens=NEW_TOKENS, return_ids=True)
+    result = generate(model, processor, images=images, prompts=prompts, max_new_tokens=NEW_TOKENS, return_ids=True,
+                      cache=cache)
     batch = reference_processor(directory)(text=prompts, images=images, return_tensors="pt", padding="longest")
     expected = strip_after_eos(reference_generate(ref, batch, NEW_TOKENS).tolist())
     assert result.token_ids == expected

@@ -1,0 +1,152 @@
+"""Decoding steps of one fixed shape: captured once as a CUDA graph and replayed on a GPU, run as they are on a CPU.
+
+On a GPU a decoding step of the 3B model reads its 6 GB of weights in a few milliseconds, but it is several hundred
+small kernels, and each costs microseconds of Python and PyTorch on the CPU to launch: the launching, not the GPU,
+sets the pace. A CUDA graph records every kernel of one step once; each later step replays them all with a single
+launch. A replay can change nothing but the contents of tensors — not a shape, not an address — so this step:
+
+- keeps every layer's keys and values in buffers of the final length (`WholeBufferCache`), writes the new position
+  at an index held in a tensor, and attends over the whole buffer, positions not yet written masked out;
+- computes its mask, position and rotary angles inside the step, from two tensors it owns: which positions hold
+  real tokens (`seen`), and where the next token goes (`write_at`);
+- reads its token from, and leaves its logits in, tensors of its own.
+
+On a CPU the same step runs eagerly (launching costs little there): that is how the tests prove, on any machine,
+that it computes what the ordinary step computes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .attention import additive_mask
+from .errors import PaliGemmaError
+from .kv_cache import KVCache
+from .model import PaliGemmaForConditionalGeneration
+
+
+class WholeBufferCache(KVCache):
+    """Keys and values of every layer in buffers of `max_length` positions, for the fixed-shape step.
+
+    The prefill (`fixed_step` False) writes its positions at the front and gets back what it wrote, as with
+    `StaticCache`. A fixed-shape step writes one position at `write_at` and gets back the whole buffers; its mask
+    hides the positions not written yet (a sliding layer's mask also hides those beyond its window, so every layer
+    keeps the full length here).
+    """
+
+    def __init__(self, num_layers: int, batch_size: int, num_kv_heads: int, head_dim: int, max_length: int,
+                 dtype: torch.dtype, device: torch.device | str) -> None:
+        shape = (batch_size, num_kv_heads, max_length, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.write_at = torch.zeros(1, dtype=torch.long, device=device)  # where the next step's position goes
+        self.length = 0  # positions written so far (kept on the host: reading write_at would wait for the GPU)
+        self.max_length = max_length
+        self.fixed_step = False
+
+    def update(self, layer_idx: int, key: torch.Tensor, value: torch.Tensor, sliding_window: int | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        if self.fixed_step:  # key, value [b, kv, 1, d] go to position write_at; attend over everything
+            keys.index_copy_(2, self.write_at, key)
+            values.index_copy_(2, self.write_at, value)
+            return keys, values
+        new = key.shape[2]
+        if new > self.max_length:
+            raise PaliGemmaError(f"a prompt of {new} positions does not fit a cache of {self.max_length}")
+        keys[:, :, :new] = key
+        values[:, :, :new] = value
+        return keys[:, :, :new], values[:, :, :new]
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def memory_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+
+class FixedShapeDecoder:
+    """Prefill once, then decoding steps of one shape for a batch: `logits = decoder.step(tokens)`.
+
+    On CUDA the first step is captured as a CUDA graph and every step replays it; elsewhere each step runs eagerly.
+    `max_length` bounds prompt plus new tokens. The returned logits [b, vocab] are the step's own output tensor,
+    overwritten by the next step: choose from them (or copy them) before stepping again.
+    """
+
+    def __init__(self, model: PaliGemmaForConditionalGeneration, batch_size: int, max_length: int) -> None:
+        text = model.config.text_config
+        self.model = model
+        self.device = model.device
+        self.cache = WholeBufferCache(text.num_hidden_layers, batch_size, text.num_key_value_heads, text.head_dim,
+                                      max_length, model.dtype, self.device)
+        self.seen = torch.zeros(batch_size, max_length, dtype=torch.long, device=self.device)  # 1: a real token
+        self.token = torch.zeros(batch_size, 1, dtype=torch.long, device=self.device)
+        self.key_positions = torch.arange(max_length, device=self.device)  # [L]
+        windows = {w for w in text.layer_sliding_windows if w is not None}
+        self.window = windows.pop() if windows else None  # Gemma 2: one window for every sliding layer
+        self.use_graph = self.device.type == "cuda"
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.logits: torch.Tensor | None = None
+
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor,
+                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Run the prompt through the model, filling the cache; the last position's logits [b, vocab]."""
+        length = input_ids.shape[1]
+        if length >= self.cache.max_length:
+            raise PaliGemmaError(f"a prompt of {length} tokens leaves no room in a cache of {self.cache.max_length}")
+        out = self.model(input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
+                         token_type_ids=token_type_ids, kv_cache=self.cache, logits_to_keep=1)
+        self.seen[:, :length] = attention_mask
+        self.cache.length = length
+        self.cache.write_at.fill_(length)
+        return out.logits[:, -1]
+
+    def _masks(self, dtype: torch.dtype) -> torch.Tensor | dict[str, torch.Tensor]:
+        """Additive masks [b, 1, 1, L] of the new token: real tokens so far (the window's, for sliding layers)."""
+        allowed = self.seen.bool()[:, None, None, :]  # positions after write_at are not seen yet
+        full = additive_mask(allowed, dtype)
+        if self.window is None:
+            return full
+        recent = self.key_positions > self.cache.write_at - self.window  # [L]: within the window of the new token
+        return {"full_attention": full, "sliding_attention": additive_mask(allowed & recent, dtype)}
+
+    def _step(self) -> torch.Tensor:
+        """One decoding step on the tensors this decoder owns (what the CUDA graph records)."""
+        language_model = self.model.language_model
+        self.seen.index_fill_(1, self.cache.write_at, 1)
+        position = self.seen.sum(-1, keepdim=True)  # [b, 1]: real tokens so far, the new one included
+        embeds = language_model.embed(self.token)  # [b, 1, d]
+        self.cache.fixed_step = True
+        try:
+            hidden, _ = language_model(embeds, position, self._masks(embeds.dtype), self.cache)
+        finally:
+            self.cache.fixed_step = False
+        return language_model.logits(hidden)[:, -1]  # [b, vocab]
+
+    def _capture(self) -> None:
+        """Record one step as a CUDA graph, after a run outside it (which writes exactly what the real step will)."""
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            self._step()  # first calls set up cuBLAS handles and workspaces, which a capture must not do
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self._step()
+
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed tokens [b] at the next position; the logits [b, vocab] that follow them."""
+        if self.cache.length >= self.cache.max_length:
+            raise PaliGemmaError(f"the fixed-shape cache is full: all {self.cache.max_length} positions are used")
+        self.token.copy_(tokens.reshape(-1, 1))
+        if not self.use_graph:
+            logits = self._step()
+        else:
+            if self.graph is None:
+                self._capture()
+            self.graph.replay()
+            logits = self.logits
+        self.cache.write_at += 1
+        self.cache.length += 1
+        return logits

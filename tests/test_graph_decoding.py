@@ -1,0 +1,78 @@
+"""Fixed-shape decoding steps (`paligemma.graph_decoding`): the same logits as recomputing the whole sequence, on
+the CPU where they run eagerly, and on a GPU (when there is one) the replayed CUDA graph gives what eager steps give."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import assert_matches, cached_and_recomputed_logits, fixed_shape_logits, random_image
+from paligemma import DynamicCache, PaliGemmaError, load_pretrained
+from paligemma.generation import generate_ids
+from paligemma.graph_decoding import FixedShapeDecoder
+
+PROMPTS = ["caption en", "answer en what color is the big circle on the left?"]
+SUFFIXES = ["red circle and blue square", "two small cats and a big dog"]
+
+
+def padded_prompt_and_suffix(processor):
+    prompt = processor(text=PROMPTS, images=[random_image(5), random_image(6)])
+    ids = [processor.tokenizer.encode(s) for s in SUFFIXES]
+    steps = min(len(i) for i in ids)
+    return prompt, torch.tensor([i[:steps] for i in ids])
+
+
+@pytest.mark.parametrize("name", ["mqa", "gqa"])
+def test_fixed_shape_steps_equal_recomputation(request, name):
+    directory, _ = request.getfixturevalue(f"{name}_checkpoint")
+    model, processor = load_pretrained(directory)
+    prompt, new_tokens = padded_prompt_and_suffix(processor)
+    assert prompt["attention_mask"].min() == 0, "one prompt is padded"
+    _, recomputed = cached_and_recomputed_logits(model, prompt, new_tokens, DynamicCache())
+    assert_matches(fixed_shape_logits(model, prompt, new_tokens), recomputed)
+
+
+def test_steps_write_where_they_should(mqa_checkpoint):
+    directory, _ = mqa_checkpoint
+    model, processor = load_pretrained(directory)
+    prompt, new_tokens = padded_prompt_and_suffix(processor)
+    length, steps = prompt["input_ids"].shape[1], 3
+    decoder = FixedShapeDecoder(model, 2, length + steps)
+    decoder.prefill(prompt["input_ids"], prompt["attention_mask"], prompt["pixel_values"], prompt["token_type_ids"])
+    for step in range(steps):
+        decoder.step(new_tokens[:, step])
+    assert decoder.cache.get_seq_length() == length + steps and int(decoder.cache.write_at) == length + steps
+    assert torch.equal(decoder.seen, torch.cat([prompt["attention_mask"], torch.ones(2, steps, dtype=torch.long)], 1))
+    assert all(k.shape[2] == length + steps for k in decoder.cache.keys), "every buffer has the final length"
+    with pytest.raises(PaliGemmaError, match="cache is full"):
+        decoder.step(new_tokens[:, 0])
+
+
+def test_graph_cache_refuses_what_it_cannot_do(mqa_checkpoint):
+    directory, _ = mqa_checkpoint
+    model, processor = load_pretrained(directory)
+    batch = processor(text=["caption en"], images=[random_image(7)])
+    args = (model, batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["token_type_ids"])
+    with pytest.raises(PaliGemmaError, match="logits only"):
+        generate_ids(*args, max_new_tokens=4, cache="graph", return_attentions=True)
+    with pytest.raises(PaliGemmaError, match="'graph'"):
+        generate_ids(*args, max_new_tokens=4, cache="fast")
+    with pytest.raises(PaliGemmaError, match="no room"):
+        FixedShapeDecoder(model, 1, batch["input_ids"].shape[1]).prefill(
+            batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["token_type_ids"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_replays_equal_eager_steps(mqa_checkpoint):
+    directory, _ = mqa_checkpoint
+    model, processor = load_pretrained(directory, device="cuda")
+    prompt, new_tokens = padded_prompt_and_suffix(processor)
+    prompt = {k: v.cuda() for k, v in prompt.items()}
+    logits = {}
+    for use_graph in (False, True):
+        decoder = FixedShapeDecoder(model, 2, prompt["input_ids"].shape[1] + new_tokens.shape[1])
+        decoder.use_graph = use_graph
+        decoder.prefill(prompt["input_ids"], prompt["attention_mask"], prompt["pixel_values"], prompt["token_type_ids"])
+        logits[use_graph] = torch.stack([decoder.step(t.cuda()).clone() for t in new_tokens.T], dim=1)
+    assert decoder.graph is not None, "the graph path was taken"
+    assert_matches(logits[True], logits[False], atol=1e-5, rtol=1e-5)
