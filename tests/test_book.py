@@ -1,4 +1,4 @@
-"""The book: it builds with no warnings, and every page renders in headless Chromium with its images and links.
+"""The book: it builds with no warnings, and every page renders in headless Chromium with its images, links and formulas.
 
 The build uses the notebooks' stored outputs (nbval checks those separately). Chromium is Debian's `chromium`
 with `chromium-driver`; outside CI the browser part is skipped when they are not installed.
@@ -113,6 +113,7 @@ def browser():
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     driver.set_page_load_timeout(60)
+    driver.set_script_timeout(30)
     yield driver
     driver.quit()
 
@@ -132,6 +133,20 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
         pass
 
 
+# Waits for MathJax (shipped with the book, book/_static/mathjax) to typeset the page, then counts the formulas,
+# those it typeset, and its errors (a formula it could not parse): [formulas, typeset, errors].
+_TYPESET_MATH = """
+const done = arguments[arguments.length - 1];
+const formulas = document.querySelectorAll('main .math');
+if (!formulas.length) { done([0, 0, 0]); return; }
+const startup = window.MathJax && MathJax.startup && MathJax.startup.promise;
+if (!startup) { done([formulas.length, 0, 'MathJax did not load']); return; }
+startup.then(() => done([formulas.length, document.querySelectorAll('main .math mjx-container').length,
+                         document.querySelectorAll('main mjx-merror').length]),
+             (error) => done([formulas.length, 0, String(error)]));
+"""
+
+
 def test_pages_render_in_chromium(built_book, browser, server, tmp_path):
     failures = []
     for page in toc_pages(built_book):
@@ -144,6 +159,24 @@ def test_pages_render_in_chromium(built_book, browser, server, tmp_path):
             "return Array.from(document.images).filter(i => !i.complete || i.naturalWidth === 0).map(i => i.src)")
         if state != "complete" or not title.strip() or text_length < 200 or broken:
             failures.append(f"{relative}: state={state} title={title!r} text={text_length} broken images={broken}")
+        formulas, typeset, errors = browser.execute_async_script(_TYPESET_MATH)
+        if typeset != formulas or errors:
+            failures.append(f"{relative}: {typeset} of {formulas} formulas typeset by MathJax, errors: {errors}")
         if relative.endswith("intro.html"):
             browser.save_screenshot(str(tmp_path / "intro.png"))
     assert not failures, "\n".join(failures)
+
+
+def test_colab_cells_install_from_the_book_repository():
+    """Every chapter's first code cell clones the repository the book's launch buttons point at, only in Colab."""
+    import json
+
+    import yaml
+
+    url = yaml.safe_load((ROOT / "_config.yml").read_text())["repository"]["url"]
+    assert url in (ROOT / "book" / "setup.md").read_text(), "book/setup.md clones another repository"
+    for notebook in sorted((ROOT / "notebooks").glob("*.ipynb")):
+        cells = json.loads(notebook.read_text())["cells"]
+        first = "".join(next(c for c in cells if c["cell_type"] == "code")["source"])
+        assert 'if "google.colab" in sys.modules' in first, f"{notebook.name}: the first code cell is not the Colab cell"
+        assert f'"{url}"' in first, f"{notebook.name}: the Colab cell clones another repository than {url}"
