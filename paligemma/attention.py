@@ -53,12 +53,13 @@ def attention(
     Returns the output [batch, q_len, heads, head_dim] and, when asked, the weights [batch, heads, q_len, k_len].
     """
     groups = query.shape[1] // key.shape[1]
-    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     if implementation == "sdpa" and not return_weights and softcap is None:
-        output = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale)
+        # The fused kernel shares each key/value head among its query heads itself (no copies of the cache).
+        output = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale, enable_gqa=groups > 1)
         return output.transpose(1, 2), None  # [b, q_len, heads, d]
     if implementation not in ("sdpa", "eager"):
         raise ValueError(f"unknown attention implementation {implementation!r}: use 'sdpa' or 'eager'")
+    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     scores = torch.matmul(query, key.transpose(2, 3)) * scale  # [b, heads, q_len, k_len]
     if softcap is not None:
         scores = soft_cap(scores, softcap)
