@@ -707,6 +707,17 @@ def run(preset: str = "3b-224", dtypes: tuple[str, ...] = ("bf16", "fp32"), batc
             "bandwidth": measure_bandwidth(device, bandwidth_bytes),
             "matmul": measure_matmul(device, [DTYPES[d] for d in dtypes]),
         }
+        report["limits"]["bandwidth_samples"] = [{"when": "start", "gb_per_s": report["limits"]["bandwidth"]["gb_per_s"]}]
+
+    def remeasure_bandwidth(when: str) -> None:
+        """Memory bandwidth again, right after a group of runs: on a machine whose memory is shared it moves, and
+        the decode bound is the best measurement so far (so a slow moment at the start cannot flatter the ratio)."""
+        if not limits:
+            return
+        again = measure_bandwidth(device, bandwidth_bytes)
+        report["limits"]["bandwidth_samples"].append({"when": when, "gb_per_s": again["gb_per_s"]})
+        if again["gb_per_s"] > report["limits"]["bandwidth"]["gb_per_s"]:
+            report["limits"]["bandwidth"] = again
     results, ablation_rows = report["results"], report["ablation"]
 
     def record_variants(dtype_name: str, batch: int | None, metric: str, samples: dict[str, list[float]],
@@ -755,7 +766,6 @@ def run(preset: str = "3b-224", dtypes: tuple[str, ...] = ("bf16", "fp32"), batc
                 param.detach().reshape(-1)[:: max(1, 4096 // param.element_size())].float().sum()
             weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
             report["model"][f"weight_bytes_{dtype_name}"] = weight_bytes
-            bandwidth = report.get("limits", {}).get("bandwidth", {}).get("gb_per_s")
             matmul = report.get("limits", {}).get("matmul", {}).get("gflop_per_s")
             for batch in batches:
                 inputs = make_inputs(config, batch, device)
@@ -774,6 +784,8 @@ def run(preset: str = "3b-224", dtypes: tuple[str, ...] = ("bf16", "fp32"), batc
                     for name in order:
                         log(f"{dtype_name} batch {batch}: generating {new_tokens} tokens with {name}")
                         runs[name].append(time_generation(name, model, reference, inputs, new_tokens, device))
+                remeasure_bandwidth(f"after {dtype_name} batch {batch}")
+                bandwidth = report.get("limits", {}).get("bandwidth", {}).get("gb_per_s")
                 length = report["prompt_tokens"]
                 compute = lambda flops: flops / (matmul * 1e9) if matmul else None  # noqa: E731
                 main = lambda samples: {k: samples[k] for k in IMPLEMENTATIONS}  # noqa: E731
@@ -860,8 +872,11 @@ def format_table(report: dict[str, Any]) -> str:
     limits = report.get("limits")
     if limits:
         bw, mm = limits["bandwidth"], limits["matmul"]
+        samples = limits.get("bandwidth_samples", [])
+        spread = f", best of {len(samples)} measurements through the run: " + ", ".join(
+            f"{sample['gb_per_s']:.1f}" for sample in samples) if len(samples) > 1 else ""
         lines.append(
-            f"limits: memory read bandwidth {bw['gb_per_s']:.1f} GB/s ({bw['kernel']}); matmul "
+            f"limits: memory read bandwidth {bw['gb_per_s']:.1f} GB/s ({bw['kernel']}{spread}); matmul "
             + ", ".join(f"{k} {v:.0f}" for k, v in mm["all_gflop_per_s"].items()) + " GFLOP/s"
         )
     header = (f"{'dtype':5} {'batch':>5}  {'measure':38} {'ours':>9} {'transf.':>9} {'ratio':>7} {'bound':>9} "

@@ -32,6 +32,11 @@ def test_report_has_the_documented_fields(tiny_report):
     for field in ("cpu", "threads", "cpu_count", "amx", "torch", "transformers", "streaming_kernel"):
         assert field in report["machine"], field
     assert report["limits"]["bandwidth"]["gb_per_s"] > 0
+    # measured at the start and after each (dtype, batch) group; the bound is the best of them
+    samples = [sample["gb_per_s"] for sample in report["limits"]["bandwidth_samples"]]
+    assert len(samples) == 1 + 2 * 2 and report["limits"]["bandwidth"]["gb_per_s"] == max(samples)
+    decode = next(r for r in report["results"] if r["metric"] == "decode_tokens_per_s" and r["batch"] == 1)
+    assert decode["bound"] <= max(samples) * 1e9 / decode["bytes_per_step"] + 1e-9
     assert set(report["limits"]["matmul"]["all_gflop_per_s"]) == {"bf16", "fp32"}
     rows = report["results"]
     assert {row["metric"] for row in rows} == METRICS
