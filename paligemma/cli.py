@@ -31,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="random seed for sampling")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"], help="weights dtype (default: bf16 on cuda, fp32 on cpu)")
+    parser.add_argument("--cache", default="dynamic", choices=["dynamic", "static", "graph"],
+                        help="KV cache: dynamic (default), static, or graph (fixed-shape steps, CUDA graphs on a GPU)")
     return parser
 
 
@@ -51,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         answer = generate(
             model, processor, images=[image], prompts=[args.prompt], max_new_tokens=args.max_new_tokens,
             do_sample=args.sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+            cache=args.cache,
         )[0]
     except PaliGemmaError as error:
         print(f"error: {error}", file=sys.stderr)

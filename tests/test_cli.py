@@ -40,6 +40,24 @@ def test_cli_prints_the_same_answer_as_the_api(mqa_checkpoint, image_file):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("cache", ["static", "graph"])
+def test_cli_every_cache_gives_the_same_answer(mqa_checkpoint, image_file, capsys, monkeypatch, cache):
+    from paligemma import generation
+
+    directory, _ = mqa_checkpoint
+    args = ["--image", str(image_file), "--prompt", "caption en", "--model", str(directory), "--max-new-tokens", "12",
+            "--device", "cpu"]
+    assert main(args) == 0
+    default = capsys.readouterr().out
+    built = []  # which cache the generation really made
+    for name in ("StaticCache", "FixedShapeDecoder"):
+        original = getattr(generation, name)
+        monkeypatch.setattr(generation, name, lambda *a, _o=original, _n=name, **k: built.append(_n) or _o(*a, **k))
+    assert main(args + ["--cache", cache]) == 0
+    assert capsys.readouterr().out == default
+    assert built == [{"static": "StaticCache", "graph": "FixedShapeDecoder"}[cache]]
+
+
 def test_cli_sampling_is_seeded(mqa_checkpoint, image_file, capsys):
     directory, _ = mqa_checkpoint
     args = ["--image", str(image_file), "--prompt", "caption en", "--model", str(directory), "--max-new-tokens", "8",
