@@ -88,6 +88,7 @@ class FixedShapeDecoder:
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
 
+    @torch.no_grad()
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor,
                 token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Run the prompt through the model, filling the cache; the last position's logits [b, vocab]."""
