@@ -92,7 +92,9 @@ class FixedShapeDecoder:
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor,
                 token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Run the prompt through the model, filling the cache; the last position's logits [b, vocab]."""
-        length = input_ids.shape[1]
+        batch, length = input_ids.shape
+        if batch != self.seen.shape[0]:
+            raise PaliGemmaError(f"a batch of {batch} prompts for a decoder built for {self.seen.shape[0]}")
         if length >= self.cache.max_length:
             raise PaliGemmaError(f"a prompt of {length} tokens leaves no room in a cache of {self.cache.max_length}")
         out = self.model(input_ids, pixel_values=pixel_values, attention_mask=attention_mask,

@@ -57,6 +57,9 @@ def test_graph_cache_refuses_what_it_cannot_do(mqa_checkpoint):
         generate_ids(*args, max_new_tokens=4, cache="graph", return_attentions=True)
     with pytest.raises(PaliGemmaError, match="'graph'"):
         generate_ids(*args, max_new_tokens=4, cache="fast")
+    with pytest.raises(PaliGemmaError, match="a batch of 1 prompts for a decoder built for 2"):
+        FixedShapeDecoder(model, 2, 500).prefill(
+            batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["token_type_ids"])
     with pytest.raises(PaliGemmaError, match="no room"):
         FixedShapeDecoder(model, 1, batch["input_ids"].shape[1]).prefill(
             batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["token_type_ids"])
