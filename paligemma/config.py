@@ -147,6 +147,14 @@ class GemmaConfig:
         """The sliding window of each layer, None where it sees the whole sequence (every layer, in Gemma)."""
         return [None] * self.num_hidden_layers
 
+    @property
+    def sliding_layers_window(self) -> int | None:
+        """The window of the sliding layers (one size for all of them), or None when every layer is global."""
+        windows = {w for w in self.layer_sliding_windows if w is not None}
+        if len(windows) > 1:
+            raise PaliGemmaError(f"sliding layers with different windows {sorted(windows)} are not supported")
+        return windows.pop() if windows else None
+
     def to_dict(self) -> dict[str, Any]:
         values = dataclasses.asdict(self)
         values["rope_parameters"] = {"rope_type": "default", "rope_theta": values.pop("rope_theta")}

@@ -147,12 +147,13 @@ def generate_ids(
         if on_forward is not None:
             on_forward(out)
         logits = out.logits[:, -1]
-        state = {"mask": attention_mask, "position": attention_mask.sum(-1, keepdim=True)}  # [b, 1]: last real position
+        position = attention_mask.sum(-1, keepdim=True)  # [b, 1]: the last real token's position (first is 1)
 
         def next_logits(token: torch.Tensor) -> torch.Tensor:
-            state["mask"] = torch.cat([state["mask"], state["mask"].new_ones((batch, 1))], dim=-1)
-            state["position"] = state["position"] + 1
-            out = model(token[:, None], attention_mask=state["mask"], position_ids=state["position"], kv_cache=cache,
+            nonlocal attention_mask, position
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones((batch, 1))], dim=-1)
+            position = position + 1
+            out = model(token[:, None], attention_mask=attention_mask, position_ids=position, kv_cache=cache,
                         return_attentions=return_attentions)
             if on_forward is not None:
                 on_forward(out)

@@ -82,8 +82,7 @@ class FixedShapeDecoder:
         self.seen = torch.zeros(batch_size, max_length, dtype=torch.long, device=self.device)  # 1: a real token
         self.token = torch.zeros(batch_size, 1, dtype=torch.long, device=self.device)
         self.key_positions = torch.arange(max_length, device=self.device)  # [L]
-        windows = {w for w in text.layer_sliding_windows if w is not None}
-        self.window = windows.pop() if windows else None  # Gemma 2: one window for every sliding layer
+        self.window = text.sliding_layers_window  # Gemma 2's sliding layers; None in Gemma
         self.use_graph = self.device.type == "cuda"
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None

@@ -230,10 +230,9 @@ class PaliGemmaForConditionalGeneration(nn.Module):
     ) -> torch.Tensor | dict[str, torch.Tensor]:
         """The additive prefix-LM mask; for a decoder with sliding layers (Gemma 2), one per kind of layer."""
         full = additive_mask(prefix_lm_mask(attention_mask, token_type_ids, past_length), dtype)
-        windows = {w for w in self.config.text_config.layer_sliding_windows if w is not None}
-        if not windows:
+        window = self.config.text_config.sliding_layers_window
+        if window is None:
             return full
-        (window,) = windows  # one window size for all sliding layers
         sliding = prefix_lm_mask(attention_mask, token_type_ids, past_length, sliding_window=window)
         return {"full_attention": full, "sliding_attention": additive_mask(sliding, dtype)}
 
