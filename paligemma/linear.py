@@ -168,10 +168,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     rows = x.reshape(-1, x.shape[-1])
     if path == "widen":
         return _widened_product(rows, weight, bias).reshape(*x.shape[:-1], weight.shape[0])
-    out = KERNEL.get().few_rows_linear(rows.contiguous(), weight.contiguous())  # fp32 sums
-    if bias is not None:
-        out += bias.float()  # added to the fp32 sums, rounded once below, as PyTorch's bf16 kernels do
-    return out.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
+    out = KERNEL.get().few_rows_linear(rows.contiguous(), weight.contiguous(), bias)  # fp32 sums, rounded once
+    return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
 _BUFFERS = threading.local()

@@ -29,7 +29,7 @@ def test_kernel_sums_like_float32(dtype, rows, n, k):
     generator = torch.Generator().manual_seed(rows * 1000 + n + k)
     x = torch.randn(rows, k, generator=generator).to(dtype)
     weight = torch.randn(n, k, generator=generator).to(dtype)
-    out = linear.KERNEL.get().few_rows_linear(x, weight)
+    out = linear.KERNEL.get().few_rows_linear(x, weight, dtype=torch.float32)  # the sums, not rounded
     assert out.dtype == torch.float32 and out.shape == (rows, n)
     # fp32 sums of exact products: within a few fp32 roundings of the float64 result
     torch.testing.assert_close(out.double(), exact(x, weight), atol=1e-5 * k**0.5, rtol=1e-5)
@@ -48,6 +48,26 @@ def test_few_rows_path_rounds_once_like_pytorch():
     assert differs < 0.02  # only where fp32's order of summation lands across a rounding boundary
     step = 2**-7 * out.float().pow(2).mean().sqrt().item()  # one bf16 rounding step at the outputs' typical size
     torch.testing.assert_close(out.float(), F.linear(x, weight, bias).float(), atol=step, rtol=2**-7)
+
+
+@needs_kernel
+def test_kernel_rounds_its_sums_once_as_pytorch_does():
+    x, weight, bias = torch.randn(3, 300).bfloat16(), torch.randn(1000, 300).bfloat16(), torch.randn(1000).bfloat16()
+    kernel = linear.KERNEL.get()
+    sums = kernel.few_rows_linear(x, weight, bias, dtype=torch.float32)
+    torch.testing.assert_close(sums.double(), exact(x, weight, bias), atol=1e-4, rtol=1e-5)
+    rounded = kernel.few_rows_linear(x, weight, bias)
+    assert rounded.dtype == torch.bfloat16 and torch.equal(rounded, sums.to(torch.bfloat16))
+    # The rounding on its own: zero sums plus a float32 bias are the bias, rounded. Ties, subnormals, infinities and
+    # NaNs, then every kind of bit pattern, must round bit for bit as PyTorch rounds.
+    special = torch.tensor([1 + 2**-8, 1 + 3 * 2**-8, -(1 + 3 * 2**-8), 1e-39, -1e-39, 3e38, float("inf"), float("nan")])
+    special = special.repeat(3)  # 24 values: 16 through the vectorised rounding, 8 through its scalar tail
+    patterns = torch.randint(-2**31, 2**31 - 1, (4099,), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
+    for bias32 in (special, patterns.view(torch.float32)):
+        n = bias32.numel()
+        out = kernel.few_rows_linear(torch.zeros(1, 32).bfloat16(), torch.zeros(n, 32).bfloat16(), bias32)
+        assert torch.equal(out.view(torch.int16), bias32.to(torch.bfloat16).view(torch.int16)[None])
+    assert out.view(torch.int16).unique().numel() > 3500  # the patterns were varied (4099 draws of 65536)
 
 
 @pytest.mark.skipif(linear.HAS_AMX, reason="with AMX, bf16 products stay in bf16")

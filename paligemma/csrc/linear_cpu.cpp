@@ -11,7 +11,7 @@
 //
 // bf16 weights use VDPBF16PS, which multiplies pairs of bf16 numbers and adds them to fp32 lanes, so every product
 // is exact and every sum is in fp32, as in PyTorch's own bf16 matrix products; fp32 weights use fused multiply-adds.
-// The result is fp32; the caller rounds it to the model's dtype.
+// The sums are fp32 (plus the bias, if any), rounded once to the model's dtype at the end.
 
 #include <torch/library.h>
 #include <ATen/ATen.h>
@@ -19,6 +19,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <type_traits>
 #include <vector>
@@ -32,6 +33,7 @@ constexpr int64_t kAheadBytes = 512;      // ask for each weight row this far ah
 template <int M, int R>
 void block_bf16(const uint16_t* x, const uint16_t* w, float* y, int64_t K, int64_t N, int64_t n0, int64_t k0,
                 int64_t k1) {
+  const bool next_block = n0 + 2 * R <= N;
   __m512 acc[M][R];
   for (int m = 0; m < M; ++m)
     for (int r = 0; r < R; ++r) acc[m][r] = _mm512_setzero_ps();
@@ -41,6 +43,7 @@ void block_bf16(const uint16_t* x, const uint16_t* w, float* y, int64_t K, int64
     for (int m = 0; m < M; ++m) xv[m] = _mm512_maskz_loadu_epi16(mask, x + m * K + k);
     for (int r = 0; r < R; ++r) {
       _mm_prefetch(reinterpret_cast<const char*>(w + (n0 + r) * K + k) + kAheadBytes, _MM_HINT_T0);
+      if (next_block) _mm_prefetch(reinterpret_cast<const char*>(w + (n0 + R + r) * K + k), _MM_HINT_T1);
       const __m512i wv = _mm512_maskz_loadu_epi16(mask, w + (n0 + r) * K + k);
       for (int m = 0; m < M; ++m) acc[m][r] = _mm512_dpbf16_ps(acc[m][r], (__m512bh)wv, (__m512bh)xv[m]);
     }
@@ -52,6 +55,7 @@ void block_bf16(const uint16_t* x, const uint16_t* w, float* y, int64_t K, int64
 // fp32: 16 values per register, fused multiply-add.
 template <int M, int R>
 void block_fp32(const float* x, const float* w, float* y, int64_t K, int64_t N, int64_t n0, int64_t k0, int64_t k1) {
+  const bool next_block = n0 + 2 * R <= N;
   __m512 acc[M][R];
   for (int m = 0; m < M; ++m)
     for (int r = 0; r < R; ++r) acc[m][r] = _mm512_setzero_ps();
@@ -61,6 +65,7 @@ void block_fp32(const float* x, const float* w, float* y, int64_t K, int64_t N, 
     for (int m = 0; m < M; ++m) xv[m] = _mm512_maskz_loadu_ps(mask, x + m * K + k);
     for (int r = 0; r < R; ++r) {
       _mm_prefetch(reinterpret_cast<const char*>(w + (n0 + r) * K + k) + kAheadBytes, _MM_HINT_T0);
+      if (next_block) _mm_prefetch(reinterpret_cast<const char*>(w + (n0 + R + r) * K + k), _MM_HINT_T1);
       const __m512 wv = _mm512_maskz_loadu_ps(mask, w + (n0 + r) * K + k);
       for (int m = 0; m < M; ++m) acc[m][r] = _mm512_fmadd_ps(wv, xv[m], acc[m][r]);
     }
@@ -112,17 +117,38 @@ void run_rows(int64_t M, const T* x, const T* w, float* y, int64_t K, int64_t N)
   }
 }
 
+// fp32 -> bf16, to nearest even, every NaN to 0xFFFF: bit for bit what PyTorch's vectorised conversion of a tensor
+// gives (VCVTNEPS2BF16 would flush subnormals to zero instead).
+void round_to_bf16(const float* in, uint16_t* out, int64_t count) {
+  const __m512i one = _mm512_set1_epi32(1), half = _mm512_set1_epi32(0x7FFF), nan = _mm512_set1_epi32(0xFFFF);
+  int64_t i = 0;
+  for (; i + 16 <= count; i += 16) {
+    const __m512 v = _mm512_loadu_ps(in + i);
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), one);  // ties go to the even neighbour
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(half, odd)), 16);
+    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), nan);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), _mm512_cvtepi32_epi16(r));
+  }
+  for (; i < count; ++i) out[i] = std::isnan(in[i]) ? 0xFFFF : c10::BFloat16(in[i]).x;
+}
+
 }  // namespace
 
-// x [M, K] (M from 1 to 8), weight [N, K], both contiguous, both bf16 or both fp32 -> y [M, N] in fp32.
-at::Tensor few_rows_linear(const at::Tensor& x, const at::Tensor& weight) {
+// x [M, K] (M from 1 to 8), weight [N, K], both contiguous, both bf16 or both fp32, optional bias [N] -> y [M, N].
+// The sums are fp32; the bias is added to them and the result rounded once to `dtype` (x's dtype when not given,
+// or float32 to keep the sums), to nearest even as PyTorch rounds.
+at::Tensor few_rows_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                           std::optional<at::ScalarType> dtype) {
   TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1), "shapes: x [M, K], weight [N, K]");
   TORCH_CHECK(x.is_contiguous() && weight.is_contiguous(), "x and weight must be contiguous");
   TORCH_CHECK(x.scalar_type() == weight.scalar_type(), "x and weight must have the same dtype");
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
   TORCH_CHECK(M >= 1 && M <= 8, "between 1 and 8 rows of x");
-  auto y = at::zeros({M, N}, x.options().dtype(at::kFloat));
-  float* yp = y.data_ptr<float>();
+  const at::ScalarType out_dtype = dtype.value_or(x.scalar_type());
+  TORCH_CHECK(out_dtype == at::kFloat || out_dtype == x.scalar_type(), "the result is float32 or x's dtype");
+  auto sums = at::zeros({M, N}, x.options().dtype(at::kFloat));
+  float* yp = sums.data_ptr<float>();
   if (x.scalar_type() == at::kBFloat16) {
     run_rows(M, reinterpret_cast<const uint16_t*>(x.data_ptr()), reinterpret_cast<const uint16_t*>(weight.data_ptr()),
              yp, K, N);
@@ -130,12 +156,19 @@ at::Tensor few_rows_linear(const at::Tensor& x, const at::Tensor& weight) {
     TORCH_CHECK(x.scalar_type() == at::kFloat, "bf16 or fp32");
     run_rows(M, x.data_ptr<float>(), weight.data_ptr<float>(), yp, K, N);
   }
-  return y;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, "bias [N]");
+    sums.add_(bias->to(at::kFloat).view({1, N}));  // added to the fp32 sums, as PyTorch's bf16 kernels do
+  }
+  if (out_dtype == at::kFloat) return sums;
+  auto out = at::empty({M, N}, x.options());
+  round_to_bf16(yp, reinterpret_cast<uint16_t*>(out.data_ptr()), M * N);
+  return out;
 }
 
 // An operator of its own, torch.ops.paligemma.few_rows_linear, so that the profiler names it.
 TORCH_LIBRARY(paligemma, m) {
-  m.def("few_rows_linear(Tensor x, Tensor weight) -> Tensor");
+  m.def("few_rows_linear(Tensor x, Tensor weight, Tensor? bias=None, ScalarType? dtype=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(paligemma, CPU, m) {
