@@ -80,9 +80,11 @@ VARIANTS: dict[str, dict[str, bool]] = {
     "ours, PyTorch kernels only": {"enabled": False},  # every product through torch.nn.functional.linear
     "ours, + widened bf16 products": {"few_rows": False},  # prefill and vision in fp32 slices, decoding as PyTorch
 }
-# On a GPU the CPU fast paths do not apply; there the record compares decoding with and without CUDA graphs.
-NO_GRAPH = "ours, no CUDA graph"
-GPU_VARIANTS = ("ours", NO_GRAPH)
+# When "ours" decodes through fixed-shape steps (CUDA graphs on a GPU, or compiled), the record also decodes with
+# plain steps (the dynamic cache) to show what those steps bring. On a GPU the CPU fast paths do not apply.
+PLAIN_STEPS = "ours, plain steps (dynamic cache)"
+GPU_VARIANTS = ("ours",)
+DECODE_CACHES = ("dynamic", "static", "graph", "compiled")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -461,8 +463,12 @@ def _variant(name: str) -> Iterator[None]:
 
 
 def time_generation(implementation: str, model: torch.nn.Module, reference: torch.nn.Module,
-                    inputs: dict[str, torch.Tensor], new_tokens: int, device: torch.device) -> dict[str, Any]:
-    """One `generate` call: seconds to the first token (prefill), decode rate after it, tokens, peak memory."""
+                    inputs: dict[str, torch.Tensor], new_tokens: int, device: torch.device,
+                    decode_cache: str = "dynamic") -> dict[str, Any]:
+    """One `generate` call: seconds to the first token (prefill), decode rate after it, tokens, peak memory.
+
+    This library decodes with `decode_cache` (see `generate_ids`), except the plain-steps variant (dynamic cache).
+    """
     from .generation import generate_ids
 
     clock = _StepClock(device, skip_first_put=implementation == "transformers")
@@ -472,8 +478,8 @@ def time_generation(implementation: str, model: torch.nn.Module, reference: torc
         if implementation == "transformers":
             reference.generate(**inputs, max_new_tokens=new_tokens, do_sample=False, streamer=clock,
                                pad_token_id=model.config.text_config.pad_token_id)
-        else:  # on a GPU, fixed-shape steps replayed as CUDA graphs (paligemma.graph_decoding)
-            cache = "graph" if device.type == "cuda" and implementation != NO_GRAPH else "dynamic"
+        else:
+            cache = "dynamic" if implementation == PLAIN_STEPS else decode_cache
             generate_ids(model, inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"],
                          inputs["token_type_ids"], max_new_tokens=new_tokens, on_token=clock, cache=cache)
     times = clock.times
@@ -678,25 +684,31 @@ def run(preset: str = "3b-224", dtypes: tuple[str, ...] = ("bf16", "fp32"), batc
         new_tokens: int = 32, repeats: int = 2, large_batch_repeats: int = 1, load_repeats: int = 2,
         device: str = "cpu", workdir: str | None = None, measure_loading: bool = True, limits: bool = True,
         bandwidth_bytes: int = 1 << 30, profile: bool = False, ablation: bool = False,
-        baseline_library: str | None = None, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+        baseline_library: str | None = None, decode_cache: str | None = None,
+        log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run the benchmark and return its report (the JSON document; `format_table` prints it).
 
     `repeats` alternating runs at batch 1, `large_batch_repeats` at larger batches (they take longer).
     `profile`: where the time goes at the first dtype, batch 1. `ablation`: the optimisation record, each fast path
     of this library off and on at the first dtype, batch 1, and (with `baseline_library`, the folder holding an
-    earlier version of the package) that version's loading.
+    earlier version of the package) that version's loading. `decode_cache`: how this library decodes (default
+    "graph" on a GPU, fixed-shape steps replayed as CUDA graphs, and "dynamic" on a CPU); "compiled" is compiled in
+    a warm-up generation first, whose time the report keeps (`decode_warmup_s`).
     """
     from .checkpoint import load_model
     from .linear import kernel_status
 
     log = log or (lambda message: None)
     device = torch.device(device)
+    decode_cache = decode_cache or ("graph" if device.type == "cuda" else "dynamic")
+    if decode_cache not in DECODE_CACHES:
+        raise ValueError(f"decode_cache must be one of {DECODE_CACHES}, got {decode_cache!r}")
     config = PaliGemmaConfig.from_dict(PRESETS[preset])
     report: dict[str, Any] = {
         "schema": SCHEMA, "preset": preset, "new_tokens": new_tokens, "repeats": repeats,
         "large_batch_repeats": large_batch_repeats, "prompt_tokens": config.num_image_tokens + PROMPT_TOKENS,
         "machine": machine_description(device), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "results": [], "checks": [], "ablation": [],
+        "results": [], "checks": [], "ablation": [], "decode_cache": decode_cache, "decode_warmup_s": {},
         "model": {"parameters": sum(p.numel() for p in _meta_model(config).parameters())},
     }
     start_all = time.perf_counter()
@@ -771,19 +783,27 @@ def run(preset: str = "3b-224", dtypes: tuple[str, ...] = ("bf16", "fp32"), batc
                 inputs = make_inputs(config, batch, device)
                 names = list(IMPLEMENTATIONS)
                 if ablation and first and batch == batches[0]:
-                    variants = GPU_VARIANTS if device.type == "cuda" else VARIANTS
+                    variants = list(GPU_VARIANTS if device.type == "cuda" else VARIANTS)
+                    if decode_cache != "dynamic":
+                        variants.append(PLAIN_STEPS)
                     names += [name for name in variants if name not in names]
                 vision: dict[str, list[float]] = {name: [] for name in names}
                 runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
                 for name in names:  # warm-up: first calls pay for one-time setup
                     time_vision(name, model, reference, inputs["pixel_values"], device)
+                if decode_cache == "compiled":  # compiling the step is paid once, here, and recorded
+                    log(f"{dtype_name} batch {batch}: compiling the decoding step")
+                    start = time.perf_counter()
+                    time_generation("ours", model, reference, inputs, 2, device, decode_cache)
+                    report["decode_warmup_s"][f"{dtype_name} batch {batch}"] = time.perf_counter() - start
                 for repeat in range(repeats if batch == 1 else large_batch_repeats):
                     order = names[repeat % len(names):] + names[: repeat % len(names)]  # who goes first rotates
                     for name in order:
                         vision[name].append(time_vision(name, model, reference, inputs["pixel_values"], device))
                     for name in order:
                         log(f"{dtype_name} batch {batch}: generating {new_tokens} tokens with {name}")
-                        runs[name].append(time_generation(name, model, reference, inputs, new_tokens, device))
+                        runs[name].append(time_generation(name, model, reference, inputs, new_tokens, device,
+                                                          decode_cache))
                 remeasure_bandwidth(f"after {dtype_name} batch {batch}")
                 bandwidth = report.get("limits", {}).get("bandwidth", {}).get("gb_per_s")
                 length = report["prompt_tokens"]
@@ -864,7 +884,9 @@ def format_table(report: dict[str, Any]) -> str:
     machine = report["machine"]
     lines = [
         f"PaliGemma benchmark, preset {report['preset']} ({report['model']['parameters'] / 1e9:.3f} B parameters), "
-        f"{report['new_tokens']} new tokens, best of {report['repeats']}",
+        f"{report['new_tokens']} new tokens, best of {report['repeats']}; this library decodes with "
+        f"cache={report.get('decode_cache', 'dynamic')!r}"
+        + "".join(f", compiled in {seconds:.0f} s ({when})" for when, seconds in report.get("decode_warmup_s", {}).items()),
         f"machine: {machine.get('cpu', '?')}, {machine['cpu_count']} cores, {machine['threads']} threads, "
         f"AMX {'yes' if machine['amx'] else 'no'}, device {machine['device']}; torch {machine['torch']}, "
         f"transformers {machine['transformers']}",
@@ -961,6 +983,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--no-limits", action="store_true", help="skip measuring bandwidth and matmul throughput")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--decode-cache", choices=DECODE_CACHES, default=None,
+                        help="how this library decodes (default: graph on a GPU, dynamic on a CPU); compiled: the "
+                        "fixed-shape step compiled by torch.compile first")
     parser.add_argument("--workdir", default=None, help="where to write the temporary checkpoint")
     parser.add_argument("--json", default=None, help="write the report here")
     args = parser.parse_args(argv)
@@ -971,7 +996,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report = run(args.preset, tuple(args.dtype), tuple(args.batch), args.new_tokens, args.repeats,
                  args.large_batch_repeats, args.load_repeats, args.device, args.workdir, not args.no_load,
                  not args.no_limits, args.bandwidth_mb << 20, args.profile, args.ablation, args.baseline_library,
-                 log=lambda message: print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True))
+                 args.decode_cache, log=lambda message: print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True))
     report["command"] = "python -m paligemma.bench " + " ".join(argv if argv is not None else sys.argv[1:])
     print(format_table(report))
     if args.json:

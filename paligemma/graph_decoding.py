@@ -13,9 +13,18 @@ launch. A replay can change nothing but the contents of tensors — not a shape,
 
 On a CPU the same step runs eagerly (launching costs little there): that is how the tests prove, on any machine,
 that it computes what the ordinary step computes.
+
+Because its shapes never change, the step can also be compiled once (`compile=True`, `torch.compile`): the dozens
+of small operators between two weight products (norms, rotary angles, the gated activation, residual sums) become
+a few fused loops, and the Python that called them one by one is gone. On a CPU that is what remains of a step
+after the products, which read the weights at the memory's speed. The buffers' length is then rounded up to a
+multiple of `COMPILE_LENGTH_STEP`, so that prompts of other lengths reuse the compiled step instead of compiling
+another.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
@@ -23,6 +32,8 @@ from .attention import additive_mask
 from .errors import PaliGemmaError
 from .kv_cache import KVCache
 from .model import PaliGemmaForConditionalGeneration
+
+COMPILE_LENGTH_STEP = 256  # compiled steps: buffer lengths are multiples of this, one compiled step serves them all
 
 
 class WholeBufferCache(KVCache):
@@ -69,14 +80,21 @@ class FixedShapeDecoder:
     """Prefill once, then decoding steps of one shape for a batch: `logits = decoder.step(tokens)`.
 
     On CUDA the first step is captured as a CUDA graph and every step replays it; elsewhere each step runs eagerly.
-    `max_length` bounds prompt plus new tokens. The returned logits [b, vocab] are the step's own output tensor,
-    overwritten by the next step: choose from them (or copy them) before stepping again.
+    With `compile`, the step is compiled by `torch.compile` on its first call (and, on CUDA, the compiled step is
+    what the graph records). `max_length` bounds prompt plus new tokens. The returned logits [b, vocab] are the
+    step's own output tensor, overwritten by the next step: choose from them (or copy them) before stepping again.
     """
 
-    def __init__(self, model: PaliGemmaForConditionalGeneration, batch_size: int, max_length: int) -> None:
+    def __init__(self, model: PaliGemmaForConditionalGeneration, batch_size: int, max_length: int,
+                 compile: bool = False) -> None:
         text = model.config.text_config
         self.model = model
         self.device = model.device
+        if compile:  # one compiled step for every length up to the next multiple (within the model's context)
+            rounded = -(-max_length // COMPILE_LENGTH_STEP) * COMPILE_LENGTH_STEP
+            max_length = max(max_length, min(rounded, text.max_position_embeddings))
+        self.compiled = compile
+        self._run_step: Callable[[], torch.Tensor] = _compiled(self._step) if compile else self._step
         self.cache = WholeBufferCache(text.num_hidden_layers, batch_size, text.num_key_value_heads, text.head_dim,
                                       max_length, model.dtype, self.device)
         self.seen = torch.zeros(batch_size, max_length, dtype=torch.long, device=self.device)  # 1: a real token
@@ -130,11 +148,11 @@ class FixedShapeDecoder:
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
-            self._step()  # first calls set up cuBLAS handles and workspaces, which a capture must not do
+            self._run_step()  # first calls set up cuBLAS handles and workspaces (and compile), not to be captured
         torch.cuda.current_stream(self.device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.logits = self._step()
+            self.logits = self._run_step()
 
     @torch.no_grad()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -143,7 +161,7 @@ class FixedShapeDecoder:
             raise PaliGemmaError(f"the fixed-shape cache is full: all {self.cache.max_length} positions are used")
         self.token.copy_(tokens.reshape(-1, 1))
         if not self.use_graph:
-            logits = self._step()
+            logits = self._run_step()
         else:
             if self.graph is None:
                 self._capture()
@@ -152,3 +170,30 @@ class FixedShapeDecoder:
         self.cache.write_at += 1
         self.cache.length += 1
         return logits
+
+
+def _compiled(step: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+    """`step` compiled by `torch.compile` on its first call, for fixed shapes; a failure to compile is one clear error.
+
+    Inductor's fused loops round bf16 intermediates where eager PyTorch does (`emulate_precision_casts`), so a
+    compiled step computes what the eager one does, up to the order of some fp32 sums.
+    """
+    from .linear import register_kernel_for_compile
+
+    register_kernel_for_compile()
+    compiled = torch.compile(step, dynamic=False, options={"emulate_precision_casts": True})
+    state = {"compiled_once": False}
+
+    def run() -> torch.Tensor:
+        if state["compiled_once"]:
+            return compiled()
+        try:
+            logits = compiled()
+        except Exception as error:  # no C++ compiler, an unsupported platform, ...: say so in one line
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise PaliGemmaError(f"cache='compiled': torch.compile could not compile the decoding step ({reason}); "
+                                 "use cache='graph' or 'dynamic'") from error
+        state["compiled_once"] = True
+        return logits
+
+    return run

@@ -134,6 +134,23 @@ class _Kernel:
 KERNEL = _Kernel()
 
 
+_FAKE_REGISTERED = False
+
+
+def register_kernel_for_compile() -> None:
+    """Tell `torch.compile` the shape and dtype of the kernel's result, so a compiled graph can call it (once)."""
+    global _FAKE_REGISTERED
+    if _FAKE_REGISTERED or KERNEL.get() is None:
+        return
+
+    @torch.library.register_fake("paligemma::few_rows_linear")
+    def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+          dtype: torch.dtype | None = None) -> torch.Tensor:
+        return x.new_empty((x.shape[0], weight.shape[0]), dtype=dtype or x.dtype)
+
+    _FAKE_REGISTERED = True
+
+
 def kernel_status() -> str:
     """'compiled', or why the streaming kernel is not used on this machine."""
     module = KERNEL.get()

@@ -170,13 +170,13 @@ def cached_and_recomputed_logits(model, prompt: dict, new_tokens: torch.Tensor, 
     return torch.stack(cached, dim=1), recomputed[:, length - 1 :]
 
 
-def fixed_shape_logits(model, prompt: dict, new_tokens: torch.Tensor) -> torch.Tensor:
+def fixed_shape_logits(model, prompt: dict, new_tokens: torch.Tensor, compile: bool = False) -> torch.Tensor:
     """Decode `new_tokens` [b, steps] through `FixedShapeDecoder` after the prompt: logits [b, steps, vocab], as
     `cached_and_recomputed_logits` gives them (its recomputed half is what these must equal)."""
     from paligemma.graph_decoding import FixedShapeDecoder
 
     batch, steps = new_tokens.shape
-    decoder = FixedShapeDecoder(model, batch, prompt["input_ids"].shape[1] + steps)
+    decoder = FixedShapeDecoder(model, batch, prompt["input_ids"].shape[1] + steps, compile=compile)
     logits = [decoder.prefill(prompt["input_ids"], prompt["attention_mask"], prompt["pixel_values"],
                               prompt["token_type_ids"])]
     for step in range(steps - 1):

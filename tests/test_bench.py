@@ -53,6 +53,7 @@ def test_report_has_the_documented_fields(tiny_report):
     assert math.isclose(decode["ratio_to_transformers"], decode["ours"] / decode["transformers"])
     variants = {row["variant"] for row in report["ablation"]}
     assert set(bench.VARIANTS) | {"transformers"} <= variants
+    assert bench.PLAIN_STEPS not in variants and report["decode_cache"] == "dynamic"  # the default on a CPU
     assert set(report["profile"]["runs"]) == {"ours, PyTorch kernels only", "ours", "transformers"}
     for run in report["profile"]["runs"].values():
         assert set(run) == {"prefill", "decode"} and run["decode"]["wall_s"] > 0
@@ -81,6 +82,19 @@ def test_command_line_writes_json(tmp_path, capsys):
     assert report["command"].startswith("python -m paligemma.bench --preset tiny")
     assert report["checks"][0]["same_greedy_tokens"]
     assert "decode (tokens/s)" in capsys.readouterr().out
+
+
+def test_compiled_decoding_is_timed_after_its_compilation(tmp_path, capsys):
+    out = tmp_path / "report.json"
+    bench.main(["--preset", "tiny", "--dtype", "bf16", "--batch", "1", "--new-tokens", "4", "--repeats", "1",
+                "--no-load", "--no-limits", "--ablation", "--decode-cache", "compiled", "--json", str(out)])
+    report = json.loads(out.read_text())
+    assert report["decode_cache"] == "compiled" and report["decode_warmup_s"]["bf16 batch 1"] > 0
+    assert report["checks"][0]["same_greedy_tokens"]
+    assert bench.PLAIN_STEPS in {row["variant"] for row in report["ablation"]}  # what the compiled steps bring
+    assert "decodes with cache='compiled', compiled in" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="decode_cache must be one of"):
+        bench.run("tiny", decode_cache="fast")
 
 
 def test_reference_holds_the_very_same_tensors(tmp_path):

@@ -40,7 +40,7 @@ def test_cli_prints_the_same_answer_as_the_api(mqa_checkpoint, image_file):
     assert "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("cache", ["static", "graph"])
+@pytest.mark.parametrize("cache", ["static", "graph", "compiled"])
 def test_cli_every_cache_gives_the_same_answer(mqa_checkpoint, image_file, capsys, monkeypatch, cache):
     from paligemma import generation
 
@@ -55,7 +55,7 @@ def test_cli_every_cache_gives_the_same_answer(mqa_checkpoint, image_file, capsy
         monkeypatch.setattr(generation, name, lambda *a, _o=original, _n=name, **k: built.append(_n) or _o(*a, **k))
     assert main(args + ["--cache", cache]) == 0
     assert capsys.readouterr().out == default
-    assert built == [{"static": "StaticCache", "graph": "FixedShapeDecoder"}[cache]]
+    assert built == [{"static": "StaticCache", "graph": "FixedShapeDecoder", "compiled": "FixedShapeDecoder"}[cache]]
 
 
 def test_cli_sampling_is_seeded(mqa_checkpoint, image_file, capsys):

@@ -200,7 +200,7 @@ def test_fixed_shape_steps_equal_recomputation_past_the_window(pg2_checkpoint):
     assert_matches(fixed_shape_logits(model, prompt, new_tokens), recomputed, **TOL)
 
 
-@pytest.mark.parametrize("cache", ["dynamic", "static", "graph"])
+@pytest.mark.parametrize("cache", ["dynamic", "static", "graph", "compiled"])
 def test_greedy_matches_reference(pg2_checkpoint, cache):
     directory, ref = pg2_checkpoint
     model, processor = load_pretrained(directory)

@@ -48,7 +48,7 @@ def test_greedy_matches_reference_single_prompt(request, name, cache):
 
 
 @pytest.mark.parametrize("name", ["mqa", "gqa"])
-@pytest.mark.parametrize("cache", ["dynamic", "graph"])
+@pytest.mark.parametrize("cache", ["dynamic", "graph", "compiled"])
 def test_greedy_matches_reference_padded_batch(request, name, cache):
     directory, ref = request.getfixturevalue(f"{name}_checkpoint")
     model, processor = load_pretrained(directory)

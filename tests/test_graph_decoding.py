@@ -1,5 +1,6 @@
 """Fixed-shape decoding steps (`paligemma.graph_decoding`): the same logits as recomputing the whole sequence, on
-the CPU where they run eagerly, and on a GPU (when there is one) the replayed CUDA graph gives what eager steps give."""
+the CPU where they run eagerly or compiled, and on a GPU (when there is one) the replayed CUDA graph gives what eager
+steps give."""
 
 from __future__ import annotations
 
@@ -32,6 +33,44 @@ def test_fixed_shape_steps_equal_recomputation(request, name):
     assert_matches(fixed_shape_logits(model, prompt, new_tokens), recomputed)
 
 
+def test_compiled_steps_equal_recomputation_and_compile_once(mqa_checkpoint):
+    from paligemma import graph_decoding
+
+    directory, _ = mqa_checkpoint
+    model, processor = load_pretrained(directory)
+    prompt, new_tokens = padded_prompt_and_suffix(processor)
+    _, recomputed = cached_and_recomputed_logits(model, prompt, new_tokens, DynamicCache())
+    torch._dynamo.reset()
+    compiles = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert_matches(fixed_shape_logits(model, prompt, new_tokens, compile=True), recomputed)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > compiles, "the step was compiled"
+    # A shorter prompt fits the same rounded buffers: the compiled step is reused, not compiled again.
+    shorter = processor(text=["caption en", "caption en"], images=[random_image(5), random_image(6)])
+    assert shorter["input_ids"].shape[1] < prompt["input_ids"].shape[1]
+    decoder = FixedShapeDecoder(model, 2, shorter["input_ids"].shape[1] + 3, compile=True)
+    assert decoder.cache.max_length % graph_decoding.COMPILE_LENGTH_STEP == 0
+    decoder.prefill(shorter["input_ids"], shorter["attention_mask"], shorter["pixel_values"],
+                    shorter["token_type_ids"])
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        decoder.step(new_tokens[:, 0])
+
+
+def test_a_step_that_cannot_compile_says_so(mqa_checkpoint, monkeypatch):
+    directory, _ = mqa_checkpoint
+    model, processor = load_pretrained(directory)
+    batch = processor(text=["caption en"], images=[random_image(7)])
+
+    def no_compiler(function, **options):
+        def fails():
+            raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\nmore detail")
+        return fails
+
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    with pytest.raises(PaliGemmaError, match=r"torch.compile could not compile the decoding step \(InvalidCxxCompiler"):
+        generate_ids(model, batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
+                     batch["token_type_ids"], max_new_tokens=3, cache="compiled")
+
+
 def test_steps_write_where_they_should(mqa_checkpoint):
     directory, _ = mqa_checkpoint
     model, processor = load_pretrained(directory)
@@ -55,7 +94,7 @@ def test_graph_cache_refuses_what_it_cannot_do(mqa_checkpoint):
     args = (model, batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["token_type_ids"])
     with pytest.raises(PaliGemmaError, match="logits only"):
         generate_ids(*args, max_new_tokens=4, cache="graph", return_attentions=True)
-    with pytest.raises(PaliGemmaError, match="'graph'"):
+    with pytest.raises(PaliGemmaError, match="'graph', 'compiled'"):
         generate_ids(*args, max_new_tokens=4, cache="fast")
     with pytest.raises(PaliGemmaError, match="a batch of 1 prompts for a decoder built for 2"):
         FixedShapeDecoder(model, 2, 500).prefill(
@@ -66,14 +105,16 @@ def test_graph_cache_refuses_what_it_cannot_do(mqa_checkpoint):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-def test_cuda_graph_replays_equal_eager_steps(mqa_checkpoint):
+@pytest.mark.parametrize("compile", [False, True])
+def test_cuda_graph_replays_equal_eager_steps(mqa_checkpoint, compile):
     directory, _ = mqa_checkpoint
     model, processor = load_pretrained(directory, device="cuda")
     prompt, new_tokens = padded_prompt_and_suffix(processor)
     prompt = {k: v.cuda() for k, v in prompt.items()}
     logits = {}
-    for use_graph in (False, True):
-        decoder = FixedShapeDecoder(model, 2, prompt["input_ids"].shape[1] + new_tokens.shape[1])
+    for use_graph in (False, True):  # the graph records the compiled step when compiling
+        decoder = FixedShapeDecoder(model, 2, prompt["input_ids"].shape[1] + new_tokens.shape[1],
+                                    compile=compile and use_graph)
         decoder.use_graph = use_graph
         decoder.prefill(prompt["input_ids"], prompt["attention_mask"], prompt["pixel_values"], prompt["token_type_ids"])
         logits[use_graph] = torch.stack([decoder.step(t.cuda()).clone() for t in new_tokens.T], dim=1)
