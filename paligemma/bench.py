@@ -467,7 +467,8 @@ def time_generation(implementation: str, model: torch.nn.Module, reference: torc
                     decode_cache: str = "dynamic") -> dict[str, Any]:
     """One `generate` call: seconds to the first token (prefill), decode rate after it, tokens, peak memory.
 
-    This library decodes with `decode_cache` (see `generate_ids`), except the plain-steps variant (dynamic cache).
+    "ours" decodes with `decode_cache` (see `generate_ids`); the record's other variants, the plain-steps one among
+    them, with the dynamic cache, so that each adds one change to the one before.
     """
     from .generation import generate_ids
 
@@ -479,7 +480,7 @@ def time_generation(implementation: str, model: torch.nn.Module, reference: torc
             reference.generate(**inputs, max_new_tokens=new_tokens, do_sample=False, streamer=clock,
                                pad_token_id=model.config.text_config.pad_token_id)
         else:
-            cache = "dynamic" if implementation == PLAIN_STEPS else decode_cache
+            cache = decode_cache if implementation == "ours" else "dynamic"
             generate_ids(model, inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"],
                          inputs["token_type_ids"], max_new_tokens=new_tokens, on_token=clock, cache=cache)
     times = clock.times
@@ -672,12 +673,27 @@ def _row(results: list[dict[str, Any]], dtype: str, batch: int | None, metric: s
         "ours": ours, "transformers": ref, "samples": samples,
         # > 1 means this library is better (faster, or less memory)
         "ratio_to_transformers": (ours / ref if higher_is_better else ref / ours) if ours and ref else None,
-        "bound": bound, "bound_note": bound_note,
+        "bound_note": bound_note,
     }
-    if bound:
-        fraction = (lambda x: x / bound) if higher_is_better else (lambda x: bound / x)
-        row["ours_fraction_of_bound"], row["transformers_fraction_of_bound"] = fraction(ours), fraction(ref)
+    _set_bound(row, bound)
     results.append(row)
+
+
+def _set_bound(row: dict[str, Any], bound: float | None) -> None:
+    """A row's bound, and each implementation's best as a fraction of it (time: bound / time; rate: rate / bound)."""
+    row["bound"] = bound
+    if bound:
+        fraction = (lambda x: x / bound) if row["higher_is_better"] else (lambda x: bound / x)
+        row["ours_fraction_of_bound"] = fraction(row["ours"])
+        row["transformers_fraction_of_bound"] = fraction(row["transformers"])
+
+
+def _decode_rate_bound(batch: int, step: dict[str, float], gb_per_s: float | None, gflop_per_s: float | None
+                       ) -> float | None:
+    """Tokens/s at most: a step takes at least its bytes over the bandwidth, and its FLOPs over the throughput."""
+    if not (gb_per_s and gflop_per_s):
+        return None
+    return batch / max(step["bytes"] / (gb_per_s * GB), step["flops"] / (gflop_per_s * 1e9))
 
 
 def run(preset: str = "3b-224", dtypes: tuple[str, ...] = ("bf16", "fp32"), batches: tuple[int, ...] = (1, 8),
@@ -723,7 +739,7 @@ def run(preset: str = "3b-224", dtypes: tuple[str, ...] = ("bf16", "fp32"), batc
 
     def remeasure_bandwidth(when: str) -> None:
         """Memory bandwidth again, right after a group of runs: on a machine whose memory is shared it moves, and
-        the decode bound is the best measurement so far (so a slow moment at the start cannot flatter the ratio)."""
+        the decode bound is the best measurement of the whole run (so no slow moment can flatter the ratio)."""
         if not limits:
             return
         again = measure_bandwidth(device, bandwidth_bytes)
@@ -816,12 +832,9 @@ def run(preset: str = "3b-224", dtypes: tuple[str, ...] = ("bf16", "fp32"), batc
                 _row(results, dtype_name, batch, "prefill_s", "s", False, main(prefill),
                      bound=compute(prefill_flops(config, batch, length)), bound_note="FLOPs / matmul throughput")
                 step = decode_step(config, batch, length + new_tokens // 2, dtype)
-                decode_bound = None
-                if bandwidth and matmul:
-                    seconds = max(step["bytes"] / (bandwidth * GB), step["flops"] / (matmul * 1e9))
-                    decode_bound = batch / seconds
                 _row(results, dtype_name, batch, "decode_tokens_per_s", "tokens/s", True, main(decode),
-                     bound=decode_bound, bound_note="bytes read per step / bandwidth (or FLOPs / throughput)")
+                     bound=_decode_rate_bound(batch, step, bandwidth, matmul),
+                     bound_note="bytes read per step / bandwidth (or FLOPs / throughput)")
                 results[-1]["bytes_per_step"], results[-1]["flops_per_step"] = step["bytes"], step["flops"]
                 _row(results, dtype_name, batch, "generate_peak_extra_gb", "GB", False,
                      main({k: [r["extra_bytes"] / GB for r in v] for k, v in runs.items()}))
@@ -850,6 +863,12 @@ def run(preset: str = "3b-224", dtypes: tuple[str, ...] = ("bf16", "fp32"), batc
                     }
             del model, reference
             gc.collect()
+    if limits:  # every decode bound from the best bandwidth of the whole run, measured after some of the rows
+        best, throughput = report["limits"]["bandwidth"]["gb_per_s"], report["limits"]["matmul"]["gflop_per_s"]
+        for row in results:
+            if row["metric"] == "decode_tokens_per_s":
+                step = {"bytes": row["bytes_per_step"], "flops": row["flops_per_step"]}
+                _set_bound(row, _decode_rate_bound(row["batch"], step, best, throughput))
     report["seconds"] = time.perf_counter() - start_all
     return report
 

@@ -1,4 +1,4 @@
-"""Decoding steps of one fixed shape: captured once as a CUDA graph and replayed on a GPU, run as they are on a CPU.
+"""Decoding steps of one fixed shape: a CUDA graph replayed on a GPU, run eagerly or compiled on a CPU.
 
 On a GPU a decoding step of the 3B model reads its 6 GB of weights in a few milliseconds, but it is several hundred
 small kernels, and each costs microseconds of Python and PyTorch on the CPU to launch: the launching, not the GPU,
