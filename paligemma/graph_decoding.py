@@ -93,7 +93,6 @@ class FixedShapeDecoder:
         if compile:  # one compiled step for every length up to the next multiple (within the model's context)
             rounded = -(-max_length // COMPILE_LENGTH_STEP) * COMPILE_LENGTH_STEP
             max_length = max(max_length, min(rounded, text.max_position_embeddings))
-        self.compiled = compile
         self._run_step: Callable[[], torch.Tensor] = _compiled(self._step) if compile else self._step
         self.cache = WholeBufferCache(text.num_hidden_layers, batch_size, text.num_key_value_heads, text.head_dim,
                                       max_length, model.dtype, self.device)
@@ -182,18 +181,23 @@ def _compiled(step: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
 
     register_kernel_for_compile()
     compiled = torch.compile(step, dynamic=False, options={"emulate_precision_casts": True})
-    state = {"compiled_once": False}
+    compiled_once = False
 
     def run() -> torch.Tensor:
-        if state["compiled_once"]:
+        nonlocal compiled_once
+        if compiled_once:
             return compiled()
         try:
             logits = compiled()
         except Exception as error:  # no C++ compiler, an unsupported platform, ...: say so in one line
-            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            cause = error
+            while cause.__cause__ is not None:  # the compiler's own error, under torch.compile's wrappers
+                cause = cause.__cause__
+            detail = str(cause).strip().splitlines()
+            reason = f"{type(cause).__name__}: {detail[0]}" if detail else type(cause).__name__
             raise PaliGemmaError(f"cache='compiled': torch.compile could not compile the decoding step ({reason}); "
                                  "use cache='graph' or 'dynamic'") from error
-        state["compiled_once"] = True
+        compiled_once = True
         return logits
 
     return run
