@@ -44,6 +44,7 @@ from torch import nn
 
 from .checkpoint import DTYPES, to_library_name
 from .config import PaliGemmaConfig
+from .generation import CACHES
 
 SCHEMA = 1
 GB = 1e9
@@ -84,7 +85,6 @@ VARIANTS: dict[str, dict[str, bool]] = {
 # plain steps (the dynamic cache) to show what those steps bring. On a GPU the CPU fast paths do not apply.
 PLAIN_STEPS = "ours, plain steps (dynamic cache)"
 GPU_VARIANTS = ("ours",)
-DECODE_CACHES = ("dynamic", "static", "graph", "compiled")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -688,11 +688,8 @@ def _set_bound(row: dict[str, Any], bound: float | None) -> None:
         row["transformers_fraction_of_bound"] = fraction(row["transformers"])
 
 
-def _decode_rate_bound(batch: int, step: dict[str, float], gb_per_s: float | None, gflop_per_s: float | None
-                       ) -> float | None:
+def _decode_rate_bound(batch: int, step: dict[str, float], gb_per_s: float, gflop_per_s: float) -> float:
     """Tokens/s at most: a step takes at least its bytes over the bandwidth, and its FLOPs over the throughput."""
-    if not (gb_per_s and gflop_per_s):
-        return None
     return batch / max(step["bytes"] / (gb_per_s * GB), step["flops"] / (gflop_per_s * 1e9))
 
 
@@ -717,8 +714,8 @@ def run(preset: str = "3b-224", dtypes: tuple[str, ...] = ("bf16", "fp32"), batc
     log = log or (lambda message: None)
     device = torch.device(device)
     decode_cache = decode_cache or ("graph" if device.type == "cuda" else "dynamic")
-    if decode_cache not in DECODE_CACHES:
-        raise ValueError(f"decode_cache must be one of {DECODE_CACHES}, got {decode_cache!r}")
+    if decode_cache not in CACHES:
+        raise ValueError(f"decode_cache must be one of {CACHES}, got {decode_cache!r}")
     config = PaliGemmaConfig.from_dict(PRESETS[preset])
     report: dict[str, Any] = {
         "schema": SCHEMA, "preset": preset, "new_tokens": new_tokens, "repeats": repeats,
@@ -821,7 +818,6 @@ def run(preset: str = "3b-224", dtypes: tuple[str, ...] = ("bf16", "fp32"), batc
                         runs[name].append(time_generation(name, model, reference, inputs, new_tokens, device,
                                                           decode_cache))
                 remeasure_bandwidth(f"after {dtype_name} batch {batch}")
-                bandwidth = report.get("limits", {}).get("bandwidth", {}).get("gb_per_s")
                 length = report["prompt_tokens"]
                 compute = lambda flops: flops / (matmul * 1e9) if matmul else None  # noqa: E731
                 main = lambda samples: {k: samples[k] for k in IMPLEMENTATIONS}  # noqa: E731
@@ -833,8 +829,7 @@ def run(preset: str = "3b-224", dtypes: tuple[str, ...] = ("bf16", "fp32"), batc
                      bound=compute(prefill_flops(config, batch, length)), bound_note="FLOPs / matmul throughput")
                 step = decode_step(config, batch, length + new_tokens // 2, dtype)
                 _row(results, dtype_name, batch, "decode_tokens_per_s", "tokens/s", True, main(decode),
-                     bound=_decode_rate_bound(batch, step, bandwidth, matmul),
-                     bound_note="bytes read per step / bandwidth (or FLOPs / throughput)")
+                     bound_note="bytes read per step / bandwidth (or FLOPs / throughput)")  # bound: after all runs
                 results[-1]["bytes_per_step"], results[-1]["flops_per_step"] = step["bytes"], step["flops"]
                 _row(results, dtype_name, batch, "generate_peak_extra_gb", "GB", False,
                      main({k: [r["extra_bytes"] / GB for r in v] for k, v in runs.items()}))
@@ -863,7 +858,7 @@ def run(preset: str = "3b-224", dtypes: tuple[str, ...] = ("bf16", "fp32"), batc
                     }
             del model, reference
             gc.collect()
-    if limits:  # every decode bound from the best bandwidth of the whole run, measured after some of the rows
+    if limits:  # every decode bound from the best bandwidth of the whole run (remeasured after each group)
         best, throughput = report["limits"]["bandwidth"]["gb_per_s"], report["limits"]["matmul"]["gflop_per_s"]
         for row in results:
             if row["metric"] == "decode_tokens_per_s":
@@ -1002,7 +997,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--no-limits", action="store_true", help="skip measuring bandwidth and matmul throughput")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--decode-cache", choices=DECODE_CACHES, default=None,
+    parser.add_argument("--decode-cache", choices=CACHES, default=None,
                         help="how this library decodes (default: graph on a GPU, dynamic on a CPU); compiled: the "
                         "fixed-shape step compiled by torch.compile first")
     parser.add_argument("--workdir", default=None, help="where to write the temporary checkpoint")

@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="random seed for sampling")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"], help="weights dtype (default: bf16 on cuda, fp32 on cpu)")
-    parser.add_argument("--cache", default="dynamic", choices=["dynamic", "static", "graph", "compiled"],
+    parser.add_argument("--cache", default="dynamic", choices=["dynamic", "static", "graph", "compiled"],  # generation.CACHES
                         help="KV cache: dynamic (default), static, graph (fixed-shape steps, CUDA graphs on a GPU) "
                         "or compiled (those steps compiled by torch.compile first: slow to start, faster after)")
     return parser

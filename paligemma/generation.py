@@ -18,6 +18,8 @@ from .kv_cache import DynamicCache, KVCache, StaticCache
 from .model import PaliGemmaForConditionalGeneration, PaliGemmaOutput
 from .processing import ImageInput, PaliGemmaProcessor
 
+CACHES = ("dynamic", "static", "graph", "compiled")  # what `cache=` names (or a KVCache)
+
 
 @dataclass
 class GenerationOutput:
@@ -143,7 +145,8 @@ def generate_ids(
                 sliding_windows=text_config.layer_sliding_windows,
             )
         elif not isinstance(cache, KVCache):
-            raise PaliGemmaError(f"cache must be 'dynamic', 'static', 'graph', 'compiled' or a KVCache, got {cache!r}")
+            names = ", ".join(repr(name) for name in CACHES)
+            raise PaliGemmaError(f"cache must be one of {names} or a KVCache, got {cache!r}")
         out = model(input_ids, pixel_values=pixel_values, attention_mask=attention_mask, token_type_ids=token_type_ids,
                     kv_cache=cache, logits_to_keep=1, return_attentions=return_attentions)
         if on_forward is not None:
