@@ -3,17 +3,37 @@
     from paligemma import load_pretrained, generate
     model, processor = load_pretrained("path/to/checkpoint_dir")
     generate(model, processor, images=[image], prompts=["caption en"])
+
+The package has one folder per part of the book: `models` (the model itself), `inference` (caches, decoders,
+generation), `io` (images, tokenizer, processor, checkpoints), `tasks` (boxes and masks), `interpret` (attention
+maps), `training` (the shapes world and pretraining), `kernels` (fast CPU products) and `bench` (the benchmark).
 """
 
-from .checkpoint import load_model, load_pretrained, save_pretrained
-from .config import Gemma2Config, GemmaConfig, PaliGemmaConfig, SiglipVisionConfig
 from .errors import PaliGemmaError
-from .generation import GenerationOutput, generate, generate_ids
-from .kv_cache import DynamicCache, KVCache, StaticCache
-from .model import PaliGemmaForConditionalGeneration, PaliGemmaOutput
-from .processing import GemmaTokenizer, PaliGemmaProcessor, preprocess_image
+from .inference import (
+    DynamicCache,
+    GenerationOutput,
+    GenerationSettings,
+    KVCache,
+    StaticCache,
+    generate,
+    generate_ids,
+)
+from .io.checkpoint import load_model, load_pretrained, save_pretrained
+from .io.images import preprocess_image
+from .io.processor import PaliGemmaProcessor
+from .io.tokenizer import GemmaTokenizer
+from .kernels import accelerate
+from .models import (
+    Gemma2Config,
+    GemmaConfig,
+    PaliGemmaConfig,
+    PaliGemmaForConditionalGeneration,
+    PaliGemmaOutput,
+    SiglipVisionConfig,
+)
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "DynamicCache",
@@ -21,6 +41,7 @@ __all__ = [
     "GemmaConfig",
     "GemmaTokenizer",
     "GenerationOutput",
+    "GenerationSettings",
     "KVCache",
     "PaliGemmaConfig",
     "PaliGemmaError",
@@ -29,6 +50,7 @@ __all__ = [
     "PaliGemmaProcessor",
     "SiglipVisionConfig",
     "StaticCache",
+    "accelerate",
     "generate",
     "generate_ids",
     "load_model",

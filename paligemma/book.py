@@ -12,10 +12,31 @@ from pathlib import Path
 
 import torch
 
-REPOSITORY = Path(__file__).resolve().parent.parent
-IMAGES = REPOSITORY / "images"
+from .errors import PaliGemmaError
+
 REAL_WEIGHTS_ENV = "PALIGEMMA_REAL_WEIGHTS"
 VAE_WEIGHTS_ENV = "PALIGEMMA_VAE_WEIGHTS"
+REPOSITORY_ENV = "PALIGEMMA_REPOSITORY"
+
+
+def repository() -> Path:
+    """The book's checkout (the folder with `images/` and `book/`): $PALIGEMMA_REPOSITORY, the folder this package
+    was installed from in editable mode, or the working directory or one above it (where notebooks run)."""
+    candidates = [os.environ.get(REPOSITORY_ENV), Path(__file__).resolve().parent.parent, Path.cwd(), Path.cwd().parent]
+    for candidate in candidates:
+        if candidate and (Path(candidate) / "images").is_dir() and (Path(candidate) / "book").is_dir():
+            return Path(candidate)
+    raise PaliGemmaError("the book's files (images/, book/) were not found: run from a checkout of the repository, "
+                         f"or set ${REPOSITORY_ENV} to one")
+
+
+def __getattr__(name: str) -> Path:
+    """`REPOSITORY` and `IMAGES`, found when first asked for (a pip-installed package has no checkout beside it)."""
+    if name == "REPOSITORY":
+        return repository()
+    if name == "IMAGES":
+        return repository() / "images"
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def pick_device() -> torch.device:
@@ -71,7 +92,7 @@ def load_reference(name_or_path: str | Path = "tiny-shapes", device: torch.devic
     import transformers
     from transformers import PaliGemmaForConditionalGeneration
 
-    from .checkpoint import resolve_checkpoint
+    from .io.checkpoint import resolve_checkpoint
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
@@ -84,6 +105,6 @@ def shapes_scene(seed: int):
     """A scene of the shapes world (the tiny-shapes model's training distribution), made from a seed."""
     import random
 
-    from .shapes import make_scene
+    from .training.shapes import make_scene
 
     return make_scene(random.Random(seed))

@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from paligemma.tokenizer_training import train_tokenizer
+from paligemma.training.tokenizer_training import train_tokenizer
 
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
@@ -173,12 +173,11 @@ def cached_and_recomputed_logits(model, prompt: dict, new_tokens: torch.Tensor, 
 def fixed_shape_logits(model, prompt: dict, new_tokens: torch.Tensor, compile: bool = False) -> torch.Tensor:
     """Decode `new_tokens` [b, steps] through `FixedShapeDecoder` after the prompt: logits [b, steps, vocab], as
     `cached_and_recomputed_logits` gives them (its recomputed half is what these must equal)."""
-    from paligemma.graph_decoding import FixedShapeDecoder
+    from paligemma.inference.fixed_shape import FixedShapeDecoder
 
     batch, steps = new_tokens.shape
     decoder = FixedShapeDecoder(model, batch, prompt["input_ids"].shape[1] + steps, compile=compile)
-    logits = [decoder.prefill(prompt["input_ids"], prompt["attention_mask"], prompt["pixel_values"],
-                              prompt["token_type_ids"])]
+    logits = [decoder.prefill(prompt)]
     for step in range(steps - 1):
         logits.append(decoder.step(new_tokens[:, step]).clone())  # the step's output tensor is reused
     return torch.stack(logits, dim=1)

@@ -7,23 +7,17 @@ import torch
 
 from conftest import TOKENIZER_VOCAB, assert_matches, random_image, reference_processor, write_reference_checkpoint
 from paligemma import PaliGemmaError, generate, load_pretrained
-from paligemma.attention_maps import (
-    AttentionMaps,
+from paligemma.cli import main
+from paligemma.interpret.capture import AttentionMaps, attention_maps, record_attention
+from paligemma.interpret.localisation import (
     LocalisationCase,
-    aggregate,
-    as_grid,
-    attention_distance,
-    attention_maps,
     box_coverage,
     centres_inside,
-    eager_attention,
     localisation_score,
-    main,
-    rollout,
-    rollout_rows,
     score_localisation,
 )
-from paligemma.model import prefix_lm_mask
+from paligemma.interpret.rollout import aggregate, as_grid, attention_distance, rollout, rollout_rows
+from paligemma.models.paligemma import prefix_lm_mask
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 NEW_TOKENS = 20
@@ -79,26 +73,36 @@ def test_captured_weights_match_reference(checkpoint, prompt):
 
 
 def test_capture_changes_nothing(mqa_checkpoint):
-    """Same tokens as `generate`, greedy and sampled; the model gets its own attention implementation back."""
+    """Same tokens as `generate`, greedy and sampled; no hook is left behind and no attention path is changed."""
     directory, _ = mqa_checkpoint
     model, processor = load_pretrained(directory)
     image = random_image(11)
+
+    def hooks() -> int:
+        return sum(len(m._forward_hooks) for m in model.modules())
+
+    def implementations() -> list[str]:
+        return [m.implementation for m in model.modules() if hasattr(m, "implementation")]
+
     for settings in (dict(), dict(do_sample=True, temperature=1.5, top_k=50, top_p=0.9, seed=3)):
         expected = generate(model, processor, [image], ["caption en"], max_new_tokens=12, return_ids=True, **settings)
         maps = attention_maps(model, processor, image, "caption en", max_new_tokens=12, **settings)
         assert maps.token_ids == expected.token_ids[0]
         assert maps.text == expected.texts[0]
-        assert {m.implementation for m in model.modules() if hasattr(m, "implementation")} == {"sdpa"}
+        assert set(implementations()) == {"sdpa"} and hooks() == 0
     model.set_attention_implementation("eager")
-    model.vision_tower.encoder.layers[0].self_attn.implementation = "sdpa"  # a mixed model stays mixed
-    attention_maps(model, processor, image, "caption en", max_new_tokens=2)
-    assert model.vision_tower.encoder.layers[0].self_attn.implementation == "sdpa"
-    assert model.language_model.layers[0].self_attn.implementation == "eager"
+    model.vision_tower.encoder.layers[0].self_attn.attend.implementation = "sdpa"  # a mixed model stays mixed
+    before = implementations()
+    eager_maps = attention_maps(model, processor, image, "caption en", max_new_tokens=4)
+    assert implementations() == before and hooks() == 0
     model.set_attention_implementation("sdpa")
-    with pytest.raises(RuntimeError), eager_attention(model):
-        assert model.language_model.layers[1].self_attn.implementation == "eager"
-        raise RuntimeError("restored even when the block fails")
-    assert model.language_model.layers[1].self_attn.implementation == "sdpa"
+    sdpa_maps = attention_maps(model, processor, image, "caption en", max_new_tokens=4)
+    assert_matches(sdpa_maps.vision, eager_maps.vision, **TOL)  # the weights do not depend on the path taken
+    assert_matches(sdpa_maps.generated_rows, eager_maps.generated_rows, **TOL)
+    with pytest.raises(RuntimeError), record_attention(model) as records:
+        assert hooks() > 0
+        raise RuntimeError("hooks are removed even when the block fails")
+    assert hooks() == 0 and records == []
 
 
 def test_rows_sum_to_one_and_masked_positions_are_exactly_zero(gqa_checkpoint):
@@ -107,17 +111,19 @@ def test_rows_sum_to_one_and_masked_positions_are_exactly_zero(gqa_checkpoint):
     model, processor = load_pretrained(directory)
     batch = processor(text=PROMPTS, images=[random_image(1), random_image(2)], suffix=["a red circle", "red"])
     assert (batch["attention_mask"] == 0).any() and (batch["token_type_ids"] == 1).any()
-    with torch.no_grad(), eager_attention(model):
-        out = model(**batch, return_attentions=True)
+    with torch.no_grad(), record_attention(model.language_model) as text, record_attention(model.vision_tower) as vision:
+        model(**batch)
+    assert len(text) == model.config.text_config.num_hidden_layers
+    assert len(vision) == model.config.vision_config.num_hidden_layers
     allowed = prefix_lm_mask(batch["attention_mask"], batch["token_type_ids"])  # [b, 1, s, s]
     real = batch["attention_mask"].bool()[:, None, :, None]  # rows of padding queries see nothing: skip them
     assert not allowed.all(), "the batch must have masked positions"
-    for weights in out.text_attentions:  # [b, heads, s, s]
+    for weights in text:  # [b, heads, s, s]
         masked = ~allowed.expand_as(weights) & real.expand_as(weights)
         assert (weights[masked] == 0).all()
         sums = weights.sum(-1)[real[..., 0].expand(weights.shape[:3])]
         assert_matches(sums, torch.ones_like(sums), **TOL)
-    for weights in out.vision_attentions:
+    for weights in vision:
         assert_matches(weights.sum(-1), torch.ones(weights.shape[:3]), **TOL)
 
     maps = attention_maps(model, processor, random_image(3), PROMPTS[1], max_new_tokens=8)
@@ -299,7 +305,8 @@ def test_plots_for_every_grid(grid):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from paligemma.attention_plots import VIEWS, plot_heads, plot_tokens, render, show_map, upsample
+    from paligemma.interpret.explorer import VIEWS, render
+    from paligemma.interpret.plots import plot_heads, plot_tokens, show_map, upsample
 
     maps = synthetic_maps(grid, steps=3, vision_heads=3 if grid < 64 else 1)  # 64 x 64: 4096^2 weights a head
     values = torch.rand(grid, grid)
@@ -345,7 +352,7 @@ def test_explorer(mqa_checkpoint):
     pytest.importorskip("ipywidgets")
     matplotlib = pytest.importorskip("matplotlib")
     matplotlib.use("Agg")
-    from paligemma.attention_plots import VIEWS, AttentionExplorer
+    from paligemma.interpret.explorer import VIEWS, AttentionExplorer
 
     directory, _ = mqa_checkpoint
     model, processor = load_pretrained(directory)
@@ -409,9 +416,9 @@ def test_answer_looks_at_the_asked_shape():
 def test_command_line(tmp_path, capsys):
     matplotlib = pytest.importorskip("matplotlib")
     matplotlib.use("Agg")
-    assert main(["score", "--scenes", "3", "--seed", "1"]) == 0
+    assert main(["attention", "score", "--scenes", "3", "--seed", "1"]) == 0
     assert "3 scenes (layer -1, heads mean)" in capsys.readouterr().out
-    assert main(["score", "--scenes", "2", "--layers", "9"]) == 2
+    assert main(["attention", "score", "--scenes", "2", "--layers", "9"]) == 2
     error = capsys.readouterr().err
     assert error.startswith("error: layer 9 is out of range") and error.count("\n") == 1
     image = tmp_path / "scene.png"
@@ -419,8 +426,8 @@ def test_command_line(tmp_path, capsys):
 
     shapes_scene(3).image.save(image)
     out = tmp_path / "maps.png"
-    plot = ["plot", "--image", str(image), "--prompt", "caption en", "--out", str(out), "--max-new-tokens", "3"]
+    plot = ["attention", "plot", "--image", str(image), "--prompt", "caption en", "--out", str(out), "--max-new-tokens", "3"]
     assert main(plot) == 0
     assert out.stat().st_size > 1000
-    assert main(["plot", "--image", str(tmp_path / "missing.png"), "--prompt", "caption en", "--out", str(out)]) == 2
+    assert main(["attention", "plot", "--image", str(tmp_path / "missing.png"), "--prompt", "caption en", "--out", str(out)]) == 2
     assert "image file not found" in capsys.readouterr().err

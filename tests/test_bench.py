@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from paligemma import bench
-from paligemma.config import PaliGemmaConfig
+from paligemma.cli import main
+from paligemma.io.checkpoint import empty_model
+from paligemma.models.config import PaliGemmaConfig
 
 METRICS = {"load_s", "load_peak_rss_gb", "vision_s", "prefill_s", "decode_tokens_per_s", "generate_peak_extra_gb"}
 ROW_FIELDS = {"dtype", "batch", "metric", "unit", "higher_is_better", "ours", "transformers", "samples",
@@ -79,7 +81,7 @@ def test_table_names_every_measurement(tiny_report):
 
 def test_command_line_writes_json(tmp_path, capsys):
     out = tmp_path / "report.json"
-    bench.main(["--preset", "tiny", "--dtype", "fp32", "--batch", "1", "--new-tokens", "3", "--repeats", "1",
+    main(["bench", "--preset", "tiny", "--dtype", "fp32", "--batch", "1", "--new-tokens", "3", "--repeats", "1",
                 "--no-load", "--no-limits", "--json", str(out)])
     report = json.loads(out.read_text())
     assert report["command"].startswith("python -m paligemma.bench --preset tiny")
@@ -89,7 +91,7 @@ def test_command_line_writes_json(tmp_path, capsys):
 
 def test_compiled_decoding_is_timed_after_its_compilation(tmp_path, capsys):
     out = tmp_path / "report.json"
-    bench.main(["--preset", "tiny", "--dtype", "bf16", "--batch", "1", "--new-tokens", "4", "--repeats", "1",
+    main(["bench", "--preset", "tiny", "--dtype", "bf16", "--batch", "1", "--new-tokens", "4", "--repeats", "1",
                 "--no-load", "--no-limits", "--ablation", "--decode-cache", "compiled", "--json", str(out)])
     report = json.loads(out.read_text())
     assert report["decode_cache"] == "compiled" and report["decode_warmup_s"]["bf16 batch 1"] > 0
@@ -119,7 +121,7 @@ def test_work_counted_for_the_bounds_is_the_models():
     """The bytes a decoding step reads are the decoder's and the head's weights; prefill FLOPs are twice the
     multiply-adds of every linear layer over every token (checked on the full-size model, on the meta device)."""
     config = PaliGemmaConfig.from_dict(bench.PRESETS["3b-224"])
-    model = bench._meta_model(config)
+    model = empty_model(config)
     language = sum(p.numel() for p in model.language_model.parameters())
     step = bench.decode_step(config, batch=1, context=0, dtype=torch.bfloat16)
     assert step["bytes"] == 2 * language  # every decoder weight, the norms and the tied head, once

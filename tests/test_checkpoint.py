@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import assert_matches, random_image, tiny_config_dict, write_reference_checkpoint
 from paligemma import PaliGemmaConfig, PaliGemmaError, load_model, load_pretrained
-from paligemma.checkpoint import to_disk_name, to_library_name
+from paligemma.io.layout import to_disk_name, to_library_name
 from test_model import real_paligemma_3b_224, reference_logits
 
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -27,11 +27,13 @@ def logits_of(model, processor, seed=0):
 def test_reference_checkpoint_loads_with_identical_weights(mqa_checkpoint):
     directory, ref = mqa_checkpoint
     model = load_model(directory)
-    ref_state = {to_library_name(k): v for k, v in ref.state_dict().items() if k != "lm_head.weight"}
+    ref_state = {to_library_name(k): v for k, v in ref.state_dict().items()}  # the tied head included, as ours
     ours = model.state_dict()
     assert ours.keys() == ref_state.keys()
     for name, tensor in ours.items():
         assert torch.equal(tensor, ref_state[name]), name
+    head, table = model.language_model.lm_head.weight, model.language_model.embed_tokens.weight
+    assert head is table, "the output head is the embedding table itself"
 
 
 def test_our_checkpoint_loads_in_transformers(mqa_checkpoint, tmp_path):
@@ -100,7 +102,8 @@ def test_lm_head_present_is_accepted(mqa_checkpoint, tmp_path):
     add_head = lambda t: {"language_model.lm_head.weight": t["language_model.model.embed_tokens.weight"].clone()}
     rewrite_keys(directory, tmp_path / "ckpt", lambda n: n, extra=add_head)
     model = load_model(tmp_path / "ckpt")
-    assert model.language_model.lm_head is None  # tied: the head is the embedding table
+    lm = model.language_model
+    assert lm.lm_head.weight is lm.embed_tokens.weight  # tied: the head is the embedding table
 
 
 def test_real_sparse_config_parses_like_reference():
@@ -246,7 +249,8 @@ def test_missing_folder_and_bad_options(mqa_checkpoint, tmp_path):
 MEMORY_PROBE = r"""
 import sys, threading, time
 import torch
-from paligemma import PaliGemmaConfig, PaliGemmaForConditionalGeneration, load_model
+from paligemma import PaliGemmaForConditionalGeneration, load_model
+from paligemma.io.config_file import read_config
 
 def anonymous_bytes():
     for line in open("/proc/self/status"):
@@ -261,7 +265,7 @@ def watch():
 
 # Warm up what torch allocates once per process (meta model, a dtype conversion), so only loading is measured.
 with torch.device("meta"):
-    PaliGemmaForConditionalGeneration(PaliGemmaConfig.from_json_file(sys.argv[1] + "/config.json"))
+    PaliGemmaForConditionalGeneration(read_config(sys.argv[1] + "/config.json"))
 torch.ones(1000, 1000).to(torch.bfloat16)
 base = anonymous_bytes()
 watcher = threading.Thread(target=watch)

@@ -42,17 +42,23 @@ def test_cli_prints_the_same_answer_as_the_api(mqa_checkpoint, image_file):
 
 @pytest.mark.parametrize("cache", ["static", "graph", "compiled"])
 def test_cli_every_cache_gives_the_same_answer(mqa_checkpoint, image_file, capsys, monkeypatch, cache):
-    from paligemma import generation
+    from paligemma.inference import decoders, generation
 
     directory, _ = mqa_checkpoint
     args = ["--image", str(image_file), "--prompt", "caption en", "--model", str(directory), "--max-new-tokens", "12",
             "--device", "cpu"]
     assert main(args) == 0
     default = capsys.readouterr().out
-    built = []  # which cache the generation really made
-    for name in ("StaticCache", "FixedShapeDecoder"):
-        original = getattr(generation, name)
-        monkeypatch.setattr(generation, name, lambda *a, _o=original, _n=name, **k: built.append(_n) or _o(*a, **k))
+    built = []  # which decoder (and cache) the generation really made
+    make_decoder = generation.make_decoder
+
+    def recording(*args, **kwargs):
+        decoder = make_decoder(*args, **kwargs)
+        built.append(type(decoder.cache).__name__ if isinstance(decoder, decoders.CachedDecoder)
+                     else type(decoder).__name__)
+        return decoder
+
+    monkeypatch.setattr(generation, "make_decoder", recording)
     assert main(args + ["--cache", cache]) == 0
     assert capsys.readouterr().out == default
     assert built == [{"static": "StaticCache", "graph": "FixedShapeDecoder", "compiled": "FixedShapeDecoder"}[cache]]

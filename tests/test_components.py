@@ -11,8 +11,9 @@ from torch.testing import assert_close
 
 from conftest import assert_matches
 from paligemma import load_model
-from paligemma.attention import additive_mask
-from paligemma.model import prefix_lm_mask
+from paligemma.models.attention import additive_mask
+from paligemma.interpret.capture import record_attention
+from paligemma.models.paligemma import prefix_lm_mask
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 
@@ -45,7 +46,7 @@ def test_patch_embedding(pair, pixels):
 def test_siglip_attention(pair):
     ours, ref = pair
     x = hidden((2, 16, 32))
-    ours_out, _ = ours.vision_tower.encoder.layers[0].self_attn(x)
+    ours_out = ours.vision_tower.encoder.layers[0].self_attn(x)
     ref_out, _ = ref.model.vision_tower.encoder.layers[0].self_attn(x)
     assert_matches(ours_out, ref_out, **TOL)
 
@@ -54,7 +55,9 @@ def test_siglip_attention(pair):
 def test_siglip_attention_weights(pair):
     ours, ref = pair
     x = hidden((2, 16, 32))
-    _, ours_weights = ours.vision_tower.encoder.layers[0].self_attn(x, return_weights=True)
+    with record_attention(ours.vision_tower) as recorded:
+        ours.vision_tower.encoder.layers[0].self_attn(x)
+    (ours_weights,) = recorded
     _, ref_weights = ref.model.vision_tower.encoder.layers[0].self_attn(x)
     assert_matches(ours_weights, ref_weights, **TOL)
     torch.testing.assert_close(ours_weights.sum(-1), torch.ones(2, 4, 16), **TOL)
@@ -66,7 +69,7 @@ def test_siglip_mlp_and_layer(pair):
     x = hidden((2, 16, 32), seed=1)
     ref_layer = ref.model.vision_tower.encoder.layers[1]
     assert_matches(ours.vision_tower.encoder.layers[1].mlp(x), ref_layer.mlp(x), **TOL)
-    assert_matches(ours.vision_tower.encoder.layers[1](x)[0], ref_layer(x, attention_mask=None), **TOL)
+    assert_matches(ours.vision_tower.encoder.layers[1](x), ref_layer(x, attention_mask=None), **TOL)
 
 
 @torch.no_grad()
@@ -174,7 +177,7 @@ def decoder_inputs(ours, ref, seed):
 def test_gemma_attention(pair):
     ours, ref = pair
     x, mask, rotary, ref_rotary = decoder_inputs(ours, ref, seed=5)
-    ours_out, _ = ours.language_model.layers[0].self_attn(x, rotary, mask)
+    ours_out = ours.language_model.layers[0].self_attn(x, rotary, mask)
     ref_out, _ = ref.model.language_model.layers[0].self_attn(x, ref_rotary, mask)
     assert_matches(ours_out, ref_out, **TOL)
 
@@ -190,7 +193,7 @@ def test_gemma_mlp(pair):
 def test_gemma_decoder_layer(pair):
     ours, ref = pair
     x, mask, rotary, ref_rotary = decoder_inputs(ours, ref, seed=7)
-    ours_out, _ = ours.language_model.layers[1](x, rotary, mask)
+    ours_out = ours.language_model.layers[1](x, rotary, mask)
     ref_out = ref.model.language_model.layers[1](x, attention_mask=mask, position_embeddings=ref_rotary)
     assert_matches(ours_out, ref_out, **TOL)
 
@@ -211,5 +214,5 @@ def test_merged_input_embeddings(pair, pixels):
         ref(input_ids=input_ids, pixel_values=pixels, token_type_ids=torch.zeros_like(input_ids))
     finally:
         handle.remove()
-    features, _ = ours.get_image_features(pixels)
+    features = ours.get_image_features(pixels)
     assert_matches(ours.embed_inputs(input_ids, features), captured["embeds"], **TOL)

@@ -8,9 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from paligemma import bench, linear, load_model
-from paligemma.config import PaliGemmaConfig
-from paligemma.generation import generate_ids
+from paligemma import bench, load_model
+from paligemma.kernels import linear
+from paligemma.models.config import PaliGemmaConfig
+from paligemma.inference.generation import generate_ids
+from paligemma.inference.sampling import GenerationSettings
+from paligemma.kernels.cpu import has_amx
 
 needs_kernel = pytest.mark.skipif(linear.KERNEL.get() is None, reason=f"streaming kernel: {linear.kernel_status()}")
 
@@ -70,7 +73,7 @@ def test_kernel_rounds_its_sums_once_as_pytorch_does():
     assert out.view(torch.int16).unique().numel() > 3500  # the patterns were varied (4099 draws of 65536)
 
 
-@pytest.mark.skipif(linear.HAS_AMX, reason="with AMX, bf16 products stay in bf16")
+@pytest.mark.skipif(has_amx(), reason="with AMX, bf16 products stay in bf16")
 def test_widened_path_is_as_exact_as_float32():
     x = torch.randn(300, 256).bfloat16()  # 300 rows: widened
     weight, bias = torch.randn(5000, 256).bfloat16(), torch.randn(5000).bfloat16()
@@ -100,7 +103,7 @@ def test_float32_and_switched_off_paths_are_pytorch_bit_for_bit():
 
 
 def test_autograd_takes_pytorch_kernels():
-    layer = linear.Linear(16, 4).bfloat16()
+    layer = linear.FastLinear(16, 4).bfloat16()
     x = torch.randn(1, 16, dtype=torch.bfloat16, requires_grad=True)
     assert linear.path_for(x, layer.weight) == "torch"
     layer(x).float().sum().backward()
@@ -149,8 +152,7 @@ def test_bf16_greedy_generation_matches_transformers(bf16_models):
     config, model, reference, _ = bf16_models
     inputs = bench.make_inputs(config, 3, torch.device("cpu"), seed=4)
     with bench._never_stop(model, reference), torch.no_grad():
-        ours = generate_ids(model, inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"],
-                            inputs["token_type_ids"], max_new_tokens=16)
+        ours = generate_ids(model, inputs, GenerationSettings(16))
         theirs = reference.generate(**inputs, max_new_tokens=16, do_sample=False, pad_token_id=0)
     assert ours.tolist() == theirs[:, inputs["input_ids"].shape[1]:].tolist()
 
@@ -178,14 +180,15 @@ def test_same_dtype_weights_are_mapped_not_copied(tmp_path):
 def test_conversion_in_small_chunks_and_unaligned_tensors(tmp_path, monkeypatch):
     from safetensors.torch import save_file
 
-    from paligemma import checkpoint
+    from paligemma.io import safetensors
 
-    tensors = {"a": torch.randn(3).bfloat16(), "b": torch.randn(5, 7), "c": torch.randn(1001).half()}
+    generator = torch.Generator().manual_seed(0)
+    tensors = {"a": torch.randn(3, generator=generator).bfloat16(), "b": torch.randn(5, 7, generator=generator),
+               "c": torch.randn(1001, generator=generator).half()}
     save_file(tensors, str(tmp_path / "x.safetensors"))
-    opened = checkpoint._SafetensorsFile(tmp_path / "x.safetensors")
-    monkeypatch.setattr(checkpoint, "CONVERT_CHUNK_BYTES", 6)  # several reads per tensor, a partial one last
+    opened = safetensors.SafetensorsFile(tmp_path / "x.safetensors")
+    monkeypatch.setattr(safetensors, "CONVERT_CHUNK_BYTES", 6)  # several reads per tensor, a partial one last
     for name, tensor in tensors.items():
-        lazy = checkpoint._LazyTensor(opened, name)
-        assert torch.equal(lazy.read(None, torch.device("cpu")), tensor)
+        assert torch.equal(opened.tensor(name), tensor)
         for dtype in (torch.float32, torch.bfloat16):
-            assert torch.equal(lazy.read(dtype, torch.device("cpu")), tensor.to(dtype)), (name, dtype)
+            assert torch.equal(opened.tensor(name, dtype), tensor.to(dtype)), (name, dtype)

@@ -32,10 +32,10 @@ from paligemma import (
     generate,
     load_pretrained,
 )
-from paligemma.checkpoint import to_library_name
-from paligemma.config import Gemma2Config, GemmaConfig
-from paligemma.gemma2 import Gemma2LanguageModel
-from paligemma.model import prefix_lm_mask
+from paligemma.io.layout import to_library_name
+from paligemma.models.config import Gemma2Config, GemmaConfig
+from paligemma.models.gemma2 import Gemma2LanguageModel
+from paligemma.models.paligemma import prefix_lm_mask
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 WINDOW = 6
@@ -92,7 +92,7 @@ def test_config_from_transformers_file_is_gemma2(pg2_checkpoint):
                                                                      "sliding_attention"]
     assert not model.config.image_token_in_vocab
     assert [layer.self_attn.sliding_window for layer in model.language_model.layers] == [WINDOW, None, WINDOW]
-    assert all(layer.self_attn.scale == 24**-0.5 for layer in model.language_model.layers)
+    assert all(layer.self_attn.attend.scale == 24**-0.5 for layer in model.language_model.layers)
 
 
 @pytest.mark.parametrize("implementation", ["eager", "sdpa"])
@@ -140,10 +140,10 @@ def test_every_gemma2_feature_changes_the_output(pg2_checkpoint):
         text.sliding_window = WINDOW
         for layer in layers:
             layer.self_attn.sliding_window = WINDOW if layer.attention_type == "sliding_attention" else None
-            layer.self_attn.softcap = None
+            layer.self_attn.attend.softcap = None
         changes["attention soft-cap"] = model(**batch).logits
         for layer in layers:
-            layer.self_attn.softcap = 2.0
+            layer.self_attn.attend.softcap = 2.0
         text.final_logit_softcapping = None
         changes["final soft-cap"] = model(**batch).logits
         text.final_logit_softcapping = 3.0
@@ -334,7 +334,7 @@ def compare_on_meta(values: dict) -> tuple[PaliGemmaForConditionalGeneration, in
     count = sum(p.numel() for p in ref.parameters())
     assert ours.num_parameters() == count
     ours_shapes = {name: tuple(t.shape) for name, t in ours.state_dict().items()}
-    ref_shapes = {to_library_name(n): tuple(t.shape) for n, t in ref.state_dict().items() if n != "lm_head.weight"}
+    ref_shapes = {to_library_name(n): tuple(t.shape) for n, t in ref.state_dict().items()}  # tied head in both
     assert ours_shapes == ref_shapes
     ref_text = ref.config.text_config
     ours_text = ours.config.text_config
@@ -356,7 +356,7 @@ def test_full_size_paligemma2_matches_reference(size, resolution):
     assert not ours.config.image_token_in_vocab
     layers = ours.language_model.layers
     assert [layer.self_attn.sliding_window for layer in layers[:4]] == [4096, None, 4096, None]
-    assert layers[0].self_attn.scale == GEMMA2_SIZES[size]["query_pre_attn_scalar"] ** -0.5
+    assert layers[0].self_attn.attend.scale == GEMMA2_SIZES[size]["query_pre_attn_scalar"] ** -0.5
     assert ours.config.text_config.eos_token_id == 1
 
 
@@ -402,9 +402,9 @@ def test_bad_gemma2_configs(fields, message):
 
 def test_static_cache_rejects_a_window_it_was_not_sized_for():
     cache = StaticCache(1, 1, 1, 4, max_length=10, sliding_windows=[3])
-    cache.update(0, torch.zeros(1, 1, 3, 4), torch.zeros(1, 1, 3, 4), sliding_window=3)
-    with pytest.raises(ValueError, match="sliding window of 3"):
-        cache.update(0, torch.zeros(1, 1, 1, 4), torch.zeros(1, 1, 1, 4))
+    cache.update(0, torch.zeros(1, 1, 3, 4), torch.zeros(1, 1, 3, 4), torch.arange(3), sliding_window=3)
+    with pytest.raises(PaliGemmaError, match="sliding window of 3"):
+        cache.update(0, torch.zeros(1, 1, 1, 4), torch.zeros(1, 1, 1, 4), torch.arange(3, 4))
 
 
 def test_command_line_answers_with_a_paligemma2_checkpoint(pg2_checkpoint, tmp_path, capsys):

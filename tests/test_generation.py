@@ -7,7 +7,7 @@ import torch
 
 from conftest import random_image, reference_processor
 from paligemma import PaliGemmaError, generate, load_pretrained
-from paligemma.generation import choose_next_token, sampling_distribution
+from paligemma.inference.sampling import GenerationSettings, choose_next_token, sampling_distribution
 
 NEW_TOKENS = 24
 
@@ -94,14 +94,16 @@ def test_sampling_distribution_rules():
     for probabilities in (sampling_distribution(logits, 0.7, 3, 0.8), sampling_distribution(logits, top_p=0.5)):
         torch.testing.assert_close(probabilities.sum(-1), torch.ones(1))
     # Greedy is the arg-max; sampling with a seed is repeatable.
-    assert choose_next_token(logits, do_sample=False).item() == 0
-    draws = [choose_next_token(logits, True, generator=torch.Generator().manual_seed(3)).item() for _ in range(2)]
+    assert choose_next_token(logits, GenerationSettings()).item() == 0
+    sampling = GenerationSettings(do_sample=True)
+    draws = [choose_next_token(logits, sampling, torch.Generator().manual_seed(3)).item() for _ in range(2)]
     assert draws[0] == draws[1]
 
 
 def test_sampled_frequencies_follow_the_distribution():
     logits = torch.tensor([[2.0, 1.0, 0.5, -1.0]]).repeat(20000, 1)
-    draws = choose_next_token(logits, True, temperature=1.0, top_p=0.9, generator=torch.Generator().manual_seed(0))
+    settings = GenerationSettings(do_sample=True, temperature=1.0, top_p=0.9)
+    draws = choose_next_token(logits, settings, torch.Generator().manual_seed(0))
     frequencies = torch.bincount(draws, minlength=4).float() / len(draws)
     expected = sampling_distribution(logits[:1], top_p=0.9)[0]
     torch.testing.assert_close(frequencies, expected, atol=0.015, rtol=0)

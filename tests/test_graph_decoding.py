@@ -9,8 +9,9 @@ import torch
 
 from conftest import assert_matches, cached_and_recomputed_logits, fixed_shape_logits, random_image
 from paligemma import DynamicCache, PaliGemmaError, load_pretrained
-from paligemma.generation import generate_ids
-from paligemma.graph_decoding import FixedShapeDecoder
+from paligemma.inference.generation import generate_ids
+from paligemma.inference.sampling import GenerationSettings
+from paligemma.inference.fixed_shape import FixedShapeDecoder
 
 PROMPTS = ["caption en", "answer en what color is the big circle on the left?"]
 SUFFIXES = ["red circle and blue square", "two small cats and a big dog"]
@@ -34,7 +35,7 @@ def test_fixed_shape_steps_equal_recomputation(request, name):
 
 
 def test_compiled_steps_equal_recomputation_and_compile_once(mqa_checkpoint):
-    from paligemma import graph_decoding
+    from paligemma.inference import fixed_shape as graph_decoding
 
     directory, _ = mqa_checkpoint
     model, processor = load_pretrained(directory)
@@ -49,8 +50,7 @@ def test_compiled_steps_equal_recomputation_and_compile_once(mqa_checkpoint):
     assert shorter["input_ids"].shape[1] < prompt["input_ids"].shape[1]
     decoder = FixedShapeDecoder(model, 2, shorter["input_ids"].shape[1] + 3, compile=True)
     assert decoder.cache.max_length % graph_decoding.COMPILE_LENGTH_STEP == 0
-    decoder.prefill(shorter["input_ids"], shorter["attention_mask"], shorter["pixel_values"],
-                    shorter["token_type_ids"])
+    decoder.prefill(shorter)
     with torch._dynamo.config.patch(error_on_recompile=True):
         decoder.step(new_tokens[:, 0])
 
@@ -74,8 +74,7 @@ def test_a_step_that_cannot_compile_says_so(mqa_checkpoint, monkeypatch):
     monkeypatch.setattr(torch, "compile", no_compiler)
     with pytest.raises(PaliGemmaError, match=r"could not compile the decoding step \(InvalidCxxCompiler: No working "
                                              r"C\+\+ compiler found in cpp.cxx\); use"):
-        generate_ids(model, batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
-                     batch["token_type_ids"], max_new_tokens=3, cache="compiled")
+        generate_ids(model, batch, GenerationSettings(3), cache="compiled")
 
 
 def test_steps_write_where_they_should(mqa_checkpoint):
@@ -84,7 +83,7 @@ def test_steps_write_where_they_should(mqa_checkpoint):
     prompt, new_tokens = padded_prompt_and_suffix(processor)
     length, steps = prompt["input_ids"].shape[1], 3
     decoder = FixedShapeDecoder(model, 2, length + steps)
-    decoder.prefill(prompt["input_ids"], prompt["attention_mask"], prompt["pixel_values"], prompt["token_type_ids"])
+    decoder.prefill(prompt)
     for step in range(steps):
         decoder.step(new_tokens[:, step])
     assert decoder.cache.get_seq_length() == length + steps and int(decoder.cache.write_at) == length + steps
@@ -98,17 +97,12 @@ def test_graph_cache_refuses_what_it_cannot_do(mqa_checkpoint):
     directory, _ = mqa_checkpoint
     model, processor = load_pretrained(directory)
     batch = processor(text=["caption en"], images=[random_image(7)])
-    args = (model, batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["token_type_ids"])
-    with pytest.raises(PaliGemmaError, match="logits only"):
-        generate_ids(*args, max_new_tokens=4, cache="graph", return_attentions=True)
     with pytest.raises(PaliGemmaError, match="'graph', 'compiled'"):
-        generate_ids(*args, max_new_tokens=4, cache="fast")
+        generate_ids(model, batch, GenerationSettings(4), cache="fast")
     with pytest.raises(PaliGemmaError, match="a batch of 1 prompts for a decoder built for 2"):
-        FixedShapeDecoder(model, 2, 500).prefill(
-            batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["token_type_ids"])
+        FixedShapeDecoder(model, 2, 500).prefill(batch)
     with pytest.raises(PaliGemmaError, match="no room"):
-        FixedShapeDecoder(model, 1, batch["input_ids"].shape[1]).prefill(
-            batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["token_type_ids"])
+        FixedShapeDecoder(model, 1, batch["input_ids"].shape[1]).prefill(batch)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
@@ -123,7 +117,7 @@ def test_cuda_graph_replays_equal_eager_steps(mqa_checkpoint, compile):
         decoder = FixedShapeDecoder(model, 2, prompt["input_ids"].shape[1] + new_tokens.shape[1],
                                     compile=compile and use_graph)
         decoder.use_graph = use_graph
-        decoder.prefill(prompt["input_ids"], prompt["attention_mask"], prompt["pixel_values"], prompt["token_type_ids"])
+        decoder.prefill(prompt)
         logits[use_graph] = torch.stack([decoder.step(t.cuda()).clone() for t in new_tokens.T], dim=1)
     assert decoder.graph is not None, "the graph path was taken"
     assert_matches(logits[True], logits[False], atol=1e-5, rtol=1e-5)

@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 
 from paligemma import PaliGemmaError
-from paligemma.drawing import PALETTE, draw_objects
-from paligemma.locations import (
+from paligemma.tasks.drawing import PALETTE, draw_objects
+from paligemma.tasks.locations import (
     BINS,
     DetectedObject,
     bins_to_box,

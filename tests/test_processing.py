@@ -9,7 +9,7 @@ from PIL import Image
 
 from conftest import random_image, reference_processor
 from paligemma import GemmaTokenizer, PaliGemmaError, PaliGemmaProcessor
-from paligemma.processing import preprocess_image, to_rgb
+from paligemma.io.images import preprocess_image, to_rgb
 
 
 def reference_pixels(image, size):

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from paligemma import PaliGemmaError
-from paligemma.locations import parse_locations
-from paligemma.segmentation import (
+from paligemma.tasks.locations import parse_locations
+from paligemma.tasks.segmentation import (
     CODEBOOK_KEY,
     MaskDecoder,
     decode_objects,
@@ -112,7 +112,7 @@ def big_vision_decode(arrays, codes):
 
 def test_layout_shapes_and_keys_match_big_vision():
     decoder = MaskDecoder()
-    from paligemma.segmentation import decoder_state_to_npz
+    from paligemma.tasks.segmentation import decoder_state_to_npz
 
     written = {name: tuple(array.shape) for name, array in decoder_state_to_npz(decoder).items()}
     assert written == LAYOUT

@@ -14,12 +14,13 @@ import pytest
 import torch
 from PIL import Image
 
-from paligemma import generate, load_pretrained, shapes
-from paligemma.checkpoint import resolve_checkpoint
+from paligemma import generate, load_pretrained
+from paligemma.training import shapes
+from paligemma.io.checkpoint import resolve_checkpoint
 from paligemma.errors import PaliGemmaError
-from paligemma.locations import DetectedObject, box_iou, encode_objects, parse_locations
-from paligemma.train import HELD_OUT_SEED, TrainSettings, build_optimizer, evaluate, init_weights, learning_rate_at
-from paligemma.train import training_batch
+from paligemma.tasks.locations import DetectedObject, box_iou, encode_objects, parse_locations
+from paligemma.training.pretrain import HELD_OUT_SEED, TrainSettings, build_optimizer, evaluate, init_weights, learning_rate_at
+from paligemma.training.pretrain import training_batch
 
 ROOT = Path(__file__).resolve().parent.parent
 BARS = {"caption_exact_match": 0.90, "color_accuracy": 0.95, "count_accuracy": 0.95, "detect_mean_iou": 0.60}
@@ -114,7 +115,7 @@ def test_a_few_training_steps_lower_the_loss():
 
 def test_the_vision_stage_trains_the_vision_tower_alone():
     """Stage 0 lowers its per-patch loss and leaves every weight outside the vision tower as it was."""
-    from paligemma.train import pretrain_vision, prepare
+    from paligemma.training.pretrain import pretrain_vision, prepare
 
     model, _ = prepare(Path(resolve_checkpoint("tiny-shapes")), seed=0)  # a fresh model; reads the shipped tokenizer
     before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
@@ -132,8 +133,8 @@ def test_patch_targets_say_what_each_patch_shows():
     patch mostly inside a shape carries that shape's box."""
     import random
 
-    from paligemma import shapes
-    from paligemma.train import PAIRS, patch_targets
+    from paligemma.training import shapes
+    from paligemma.training.pretrain import PAIRS, patch_targets
 
     scenes = [shapes.make_scene(random.Random(seed)) for seed in range(6)]
     shares, boxes, has_box = patch_targets(scenes, patch_size=14)
@@ -157,7 +158,7 @@ def test_patch_targets_say_what_each_patch_shows():
 
 
 def test_resuming_continues_where_training_stopped(tmp_path):
-    from paligemma.train import train
+    from paligemma.training.pretrain import train
 
     settings = TrainSettings(steps=4, vision_steps=2, batch_size=2, eval_every=1000, eval_examples=4,
                              checkpoint_every=2)
@@ -182,7 +183,7 @@ def test_shipped_checkpoint_is_small_and_complete():
 
 def test_recorded_evaluation_is_reproducible():
     """The shipped evaluation.json is what scoring the shipped model on the same held-out scenes gives."""
-    from paligemma.train import evaluate_checkpoint
+    from paligemma.training.pretrain import evaluate_checkpoint
 
     recorded = json.loads((resolve_checkpoint("tiny-shapes") / "evaluation.json").read_text())
     again = evaluate_checkpoint("tiny-shapes", recorded["examples"], recorded["seed"])

@@ -6,14 +6,27 @@ RMSNorm, gated GELU MLP) -> RMSNorm -> logits through the embedding matrix (tied
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 from torch import nn
 
 from .activations import get_activation
-from .attention import attention
-from .config import GemmaConfig
-from .kv_cache import KVCache
-from .linear import Linear, linear
+from .attention import DotProductAttention
+from .config import FULL, GemmaConfig
+
+
+class LayerCache(Protocol):
+    """What a decoder layer asks of a KV cache (`paligemma.inference.kv_cache` has the implementations)."""
+
+    def update(self, layer_idx: int, key: torch.Tensor, value: torch.Tensor, cache_position: torch.Tensor,
+               sliding_window: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new keys/values [b, kv_heads, new, d] at `cache_position` [new]; return all that is held."""
+        ...
+
+    def get_seq_length(self) -> int:
+        """How many positions the cache has seen."""
+        ...
 
 
 class GemmaRMSNorm(nn.Module):
@@ -56,7 +69,7 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([-x2, x1], dim=-1)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate x [b, heads, s, d] by the angles of its positions (cos, sin [b, s, d])."""
     cos, sin = cos[:, None], sin[:, None]  # [b, 1, s, d]: the same rotation for every head
     return x * cos + rotate_half(x) * sin
@@ -71,40 +84,34 @@ class GemmaAttention(nn.Module):
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
-        self.scale = self.head_dim**-0.5
         bias = config.attention_bias
-        self.q_proj = Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
-        self.k_proj = Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
-        self.implementation = "sdpa"
-        self.softcap: float | None = None  # Gemma 2 soft-caps the scores; Gemma does not
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
         self.sliding_window: int | None = None  # Gemma 2 limits every other layer to a window; Gemma does not
+        self.attend = DotProductAttention(self.head_dim**-0.5)  # Gemma 2 changes the scale and soft-caps
 
     def forward(
         self,
         x: torch.Tensor,
         rotary: tuple[torch.Tensor, torch.Tensor],
         mask: torch.Tensor | None,
-        cache: KVCache | None = None,
-        return_weights: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        cache: LayerCache | None = None,
+        cache_position: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         batch, length, _ = x.shape
         q = self.q_proj(x).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)  # [b, h, s, d]
         k = self.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [b, kv, s, d]
         v = self.v_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
         cos, sin = rotary
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if cache is not None:
-            if self.sliding_window is None:
-                k, v = cache.update(self.layer_idx, k, v)  # now [b, kv, past + s, d]
-            else:  # a sliding layer's cache may hand back only the most recent positions
-                k, v = cache.update(self.layer_idx, k, v, sliding_window=self.sliding_window)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:  # now every position held: [b, kv, held, d]
+            k, v = cache.update(self.layer_idx, k, v, cache_position, self.sliding_window)
         if mask is not None and mask.shape[-1] > k.shape[2]:
-            mask = mask[..., -k.shape[2]:]  # the mask covers every position so far; keep those of the keys we have
-        out, weights = attention(q, k, v, mask, self.scale, self.implementation, return_weights, self.softcap)
-        out = out.reshape(batch, length, -1)  # [b, s, h, d] -> [b, s, h * d]
-        return self.o_proj(out), weights
+            mask = mask[..., -k.shape[2]:]  # a sliding layer's cache holds only the most recent positions
+        out = self.attend(q, k, v, mask).reshape(batch, length, -1)  # [b, s, h, d] -> [b, s, h * d]
+        return self.o_proj(out)
 
 
 class GemmaMLP(nn.Module):
@@ -112,9 +119,9 @@ class GemmaMLP(nn.Module):
 
     def __init__(self, config: GemmaConfig) -> None:
         super().__init__()
-        self.gate_proj = Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
         self.act = get_activation(config.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -124,11 +131,11 @@ class GemmaMLP(nn.Module):
 class GemmaDecoderLayer(nn.Module):
     """x + attention(RMSNorm(x)), then x + MLP(RMSNorm(x))."""
 
-    attention_type = "full_attention"  # which mask the layer takes when the model builds one per kind of layer
     attention_class: type[GemmaAttention] = GemmaAttention
 
     def __init__(self, config: GemmaConfig, layer_idx: int) -> None:
         super().__init__()
+        self.attention_type = FULL  # which mask the layer takes when the model builds one per kind of layer
         self.input_layernorm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = self.attention_class(config, layer_idx)
         self.post_attention_layernorm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -139,17 +146,15 @@ class GemmaDecoderLayer(nn.Module):
         x: torch.Tensor,
         rotary: tuple[torch.Tensor, torch.Tensor],
         mask: torch.Tensor | None,
-        cache: KVCache | None = None,
-        return_weights: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        attended, weights = self.self_attn(self.input_layernorm(x), rotary, mask, cache, return_weights)
-        x = x + attended
-        x = x + self.mlp(self.post_attention_layernorm(x))
-        return x, weights
+        cache: LayerCache | None = None,
+        cache_position: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rotary, mask, cache, cache_position)
+        return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class GemmaLanguageModel(nn.Module):
-    """The decoder stack with its embedding table, which doubles as the output head."""
+    """The decoder stack with its embedding table, which doubles as the output head (weights tied)."""
 
     layer_class: type[nn.Module] = GemmaDecoderLayer
 
@@ -160,9 +165,13 @@ class GemmaLanguageModel(nn.Module):
         self.layers = nn.ModuleList(self.layer_class(config, i) for i in range(config.num_hidden_layers))
         self.norm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = GemmaRotaryEmbedding(config.head_dim, config.rope_theta)
-        self.lm_head = (
-            None if config.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size, bias=False)
-        )
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """Make the output head use the embedding table itself (one Parameter, as nanoGPT ties them)."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Token embeddings scaled by sqrt(hidden_size), the scale rounded to the weights' dtype as Gemma does."""
@@ -174,24 +183,21 @@ class GemmaLanguageModel(nn.Module):
         inputs_embeds: torch.Tensor,
         position_ids: torch.Tensor,
         mask: torch.Tensor | dict[str, torch.Tensor] | None,
-        cache: KVCache | None = None,
-        return_attentions: bool = False,
-    ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
-        """inputs_embeds [b, s, d] -> final normalised hidden states [b, s, d] (and per-layer attention weights).
+        cache: LayerCache | None = None,
+        cache_position: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """inputs_embeds [b, s, d] -> final normalised hidden states [b, s, d].
 
-        `mask` is one additive mask for every layer, or a dict with one per kind of layer ("full_attention",
-        "sliding_attention"), as Gemma 2 needs.
+        `mask` is one additive mask for every layer, or a dict with one per kind of layer (`FULL`, `SLIDING`), as
+        Gemma 2 needs. `cache_position` [s]: where the new positions go in the cache.
         """
         rotary = self.rotary(position_ids, inputs_embeds.dtype)
         x = inputs_embeds
-        attentions = []
         for layer in self.layers:
             layer_mask = mask[layer.attention_type] if isinstance(mask, dict) else mask
-            x, weights = layer(x, rotary, layer_mask, cache, return_attentions)
-            attentions.append(weights)
-        return self.norm(x), attentions
+            x = layer(x, rotary, layer_mask, cache, cache_position)
+        return self.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Scores over the vocabulary: hidden [b, s, d] @ embedding^T -> [b, s, vocab]."""
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return linear(hidden, weight)
+        return self.lm_head(hidden)

@@ -6,7 +6,7 @@ A bin b stands for the coordinate b / 1024 of the image's height (y) or width (x
 resized image, but since the bins are fractions of each side, the same tokens give a box in the original
 image of any size and aspect ratio: x = b / 1024 * width, y = b / 1024 * height.
 
-Answers to `segment …` prompts put 16 `<segNNN>` tokens (codes 0–127 of a VQ-VAE, see `paligemma.segmentation`)
+Answers to `segment …` prompts put 16 `<segNNN>` tokens (codes 0–127 of a VQ-VAE, see `paligemma.tasks.segmentation`)
 between the box and the label:
 
     "<loc0102><loc0256><loc0512><loc0700><seg063><seg012>…(16 in all) cat"
@@ -18,7 +18,7 @@ import numbers
 import re
 from dataclasses import dataclass, field
 
-from .errors import PaliGemmaError
+from ..errors import PaliGemmaError
 
 BINS = 1024
 SEG_CODES = 128  # <seg000> … <seg127>

@@ -1,7 +1,7 @@
 """Drawing what PaliGemma found: labelled boxes, and masks, on the original image.
 
-    from paligemma.locations import parse_locations
-    from paligemma.drawing import draw_objects
+    from paligemma.tasks.locations import parse_locations
+    from paligemma.tasks.drawing import draw_objects
     objects = parse_locations(answer, image.width, image.height)
     draw_objects(image, objects).show()
 """
@@ -13,9 +13,9 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from .errors import PaliGemmaError
+from ..errors import PaliGemmaError
+from ..io.images import ImageInput, load_image, to_rgb
 from .locations import DetectedObject
-from .processing import ImageInput, load_image, to_rgb
 
 # Distinct, saturated colours, one per label in order of first appearance.
 PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),

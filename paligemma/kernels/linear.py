@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import platform
 import sys
 import threading
 import warnings
@@ -34,6 +33,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .cpu import has_amx, has_avx512_bf16
 
 FEW_ROWS = 8  # up to this many rows: the streaming kernel (decoding, batch up to 8)
 MANY_ROWS = 64  # from this many rows: bf16 weights widened to fp32 slices (prefill, vision); measured crossover
@@ -69,21 +70,6 @@ def fast_paths(**changes: bool) -> Iterator[FastPaths]:
             setattr(SETTINGS, name, value)
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-CPU_FLAGS = _cpu_flags()
-HAS_AMX = "amx_bf16" in CPU_FLAGS  # bf16 matrix tiles: oneDNN's bf16 products then beat fp32 ones, keep them
-HAS_AVX512_BF16 = {"avx512f", "avx512bw", "avx512_bf16"} <= CPU_FLAGS
-
-
 class _Kernel:
     """The compiled streaming kernel, built once per machine (cached by torch's extension builder), or why not."""
 
@@ -103,7 +89,7 @@ class _Kernel:
         return self.module
 
     def _build(self):
-        if platform.machine().lower() not in ("x86_64", "amd64") or not HAS_AVX512_BF16:
+        if not has_avx512_bf16():
             self.error = "this CPU lacks AVX-512 with bf16 instructions"
             return None
         if os.environ.get("PALIGEMMA_NO_KERNEL"):
@@ -123,6 +109,7 @@ class _Kernel:
                     extra_cflags=["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp"],
                     extra_ldflags=["-fopenmp"],
                 )
+            _register_fake()
             return torch.ops.paligemma
         except Exception as error:  # no compiler, no ninja, no headers: PyTorch's kernels still work
             self.error = f"{type(error).__name__}: {str(error).strip().splitlines()[-1] if str(error).strip() else ''}"
@@ -134,21 +121,13 @@ class _Kernel:
 KERNEL = _Kernel()
 
 
-_FAKE_REGISTERED = False
-
-
-def register_kernel_for_compile() -> None:
-    """Tell `torch.compile` the shape and dtype of the kernel's result, so a compiled graph can call it (once)."""
-    global _FAKE_REGISTERED
-    if _FAKE_REGISTERED or KERNEL.get() is None:
-        return
+def _register_fake() -> None:
+    """Tell `torch.compile` the shape and dtype of the kernel's result, so a compiled graph can call it."""
 
     @torch.library.register_fake("paligemma::few_rows_linear")
     def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
           dtype: torch.dtype | None = None) -> torch.Tensor:
         return x.new_empty((x.shape[0], weight.shape[0]), dtype=dtype or x.dtype)
-
-    _FAKE_REGISTERED = True
 
 
 def kernel_status() -> str:
@@ -169,7 +148,7 @@ def path_for(x: torch.Tensor, weight: torch.Tensor) -> str:
     if x.dtype == torch.bfloat16:
         if rows <= FEW_ROWS and SETTINGS.few_rows and KERNEL.get() is not None:
             return "few_rows"
-        if rows >= MANY_ROWS and SETTINGS.widen and not HAS_AMX:
+        if rows >= MANY_ROWS and SETTINGS.widen and not has_amx():
             return "widen"
     elif x.dtype == torch.float32 and SETTINGS.fp32 and rows <= FEW_ROWS and SETTINGS.few_rows:
         if KERNEL.get() is not None:
@@ -233,8 +212,17 @@ def _widened_product(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     return result
 
 
-class Linear(nn.Linear):
-    """`nn.Linear` whose product goes through `linear`: same parameters and state dict, faster where that helps."""
+class FastLinear(nn.Linear):
+    """`nn.Linear` whose product goes through `linear`: the same parameters and state-dict names, faster on a CPU."""
+
+    @classmethod
+    def from_linear(cls, module: nn.Linear) -> "FastLinear":
+        """A FastLinear holding `module`'s own Parameters (shared, not copied: tied weights stay tied)."""
+        with torch.device("meta"):
+            fast = cls(module.in_features, module.out_features, bias=module.bias is not None)
+        fast.weight = module.weight
+        fast.bias = module.bias
+        return fast
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)

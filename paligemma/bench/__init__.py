@@ -23,14 +23,12 @@ fraction of its bound and as a ratio to transformers; `--json` writes everything
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import gc
 import json
 import math
 import os
 import platform
-import struct
 import subprocess
 import sys
 import tempfile
@@ -42,9 +40,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import DTYPES, to_library_name
-from .config import PaliGemmaConfig
-from .generation import CACHES
+from ..inference.decoders import CACHES
+from ..io.checkpoint import DTYPES, empty_model
+from ..io.layout import TIED_HEAD, to_library_name, write_checkpoint
+from ..models.config import PaliGemmaConfig
 
 SCHEMA = 1
 GB = 1e9
@@ -176,7 +175,7 @@ def measure_bandwidth(device: torch.device, size_bytes: int = 1 << 30, repeats: 
     own streaming kernel) and the fastest is taken as the bandwidth: the bound is what the machine can do, not
     what one kernel happens to reach.
     """
-    from .linear import KERNEL
+    from ..kernels.linear import KERNEL
 
     results: dict[str, float] = {}
     kernels = [("sum_fp32", torch.float32), ("sum_bf16", torch.bfloat16), ("gemv_fp32", torch.float32)]
@@ -310,42 +309,22 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
 
 
-_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
-
-
 def write_random_checkpoint(config: PaliGemmaConfig, directory: Path, dtype: torch.dtype, seed: int = 0) -> int:
     """config.json and model.safetensors with random weights, one tensor at a time (memory: one tensor).
 
     Matrices are drawn with standard deviation fan_in^-0.5 and vectors (norms, biases) with 0.3, so activations
     stay of order one through all layers. Returns the bytes of weights written.
     """
-    from .checkpoint import empty_model, to_disk_name
-
-    directory.mkdir(parents=True, exist_ok=True)
-    skeleton = empty_model(config)
-    shapes = {to_disk_name(name): tuple(p.shape) for name, p in skeleton.state_dict().items()}
-    size = torch.empty((), dtype=dtype).element_size()
-    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for name, shape in shapes.items():
-        nbytes = math.prod(shape) * size
-        header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape),
-                        "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    encoded = json.dumps(header, separators=(",", ":")).encode()
-    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
+    skeleton = {name: t.to(dtype) for name, t in empty_model(config).state_dict().items()}  # meta: shapes only
     generator = torch.Generator().manual_seed(seed)
-    with open(directory / "model.safetensors", "wb") as file:
-        file.write(struct.pack("<Q", len(encoded)))
-        file.write(encoded)
-        for shape in shapes.values():
-            scale = 0.3 if len(shape) == 1 else math.prod(shape[1:]) ** -0.5
-            tensor = (torch.randn(shape, generator=generator) * scale).to(dtype)
-            file.write(tensor.view(torch.uint8).numpy().data)  # the raw little-endian bytes
-            del tensor
+
+    def draw(_name: str, tensor: torch.Tensor) -> torch.Tensor:
+        scale = 0.3 if tensor.dim() == 1 else math.prod(tensor.shape[1:]) ** -0.5
+        return (torch.randn(tensor.shape, generator=generator) * scale).to(dtype)
+
     config.dtype = str(dtype).removeprefix("torch.")
-    config.to_json_file(directory / "config.json")
-    return offset
+    tied = [TIED_HEAD] if config.text_config.tie_word_embeddings else []
+    return write_checkpoint(directory, config.to_dict(), skeleton, max_shard_size=1 << 62, skip=tied, values=draw)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -383,8 +362,6 @@ def reference_sharing_weights(model: torch.nn.Module, attn_implementation: str =
     state = {}
     for name, param in reference.state_dict().items():
         library_name = to_library_name(name)
-        if library_name == "language_model.lm_head.weight" and library_name not in ours:
-            library_name = "language_model.embed_tokens.weight"  # tied head
         if library_name in ours:
             state[name] = ours[library_name]
         elif param.is_meta:
@@ -456,7 +433,7 @@ def _never_stop(model: torch.nn.Module, reference: torch.nn.Module) -> Iterator[
 @contextlib.contextmanager
 def _variant(name: str) -> Iterator[None]:
     """The fast-path settings a variant of this library runs with (transformers runs as it is)."""
-    from .linear import fast_paths
+    from ..kernels.linear import fast_paths
 
     with fast_paths(**VARIANTS.get(name, {})):
         yield
@@ -470,7 +447,8 @@ def time_generation(implementation: str, model: torch.nn.Module, reference: torc
     "ours" decodes with `decode_cache` (see `generate_ids`); the record's other variants, the plain-steps one among
     them, with the dynamic cache, so that each adds one change to the one before.
     """
-    from .generation import generate_ids
+    from ..inference.generation import generate_ids
+    from ..inference.sampling import GenerationSettings
 
     clock = _StepClock(device, skip_first_put=implementation == "transformers")
     with peak_memory(device) as memory, _never_stop(model, reference), _variant(implementation), torch.no_grad():
@@ -481,8 +459,7 @@ def time_generation(implementation: str, model: torch.nn.Module, reference: torc
                                pad_token_id=model.config.text_config.pad_token_id)
         else:
             cache = decode_cache if implementation == "ours" else "dynamic"
-            generate_ids(model, inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"],
-                         inputs["token_type_ids"], max_new_tokens=new_tokens, on_token=clock, cache=cache)
+            generate_ids(model, inputs, GenerationSettings(new_tokens), cache=cache, on_token=clock)
     times = clock.times
     steps = len(times) - 1
     batch = inputs["input_ids"].shape[0]
@@ -540,7 +517,7 @@ def profile_phases(implementation: str, model: torch.nn.Module, reference: torch
     """
     from torch.profiler import ProfilerActivity, profile
 
-    from .kv_cache import DynamicCache
+    from ..inference.kv_cache import DynamicCache
 
     os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # the profiler's backend would log its start and stop on stderr
 
@@ -644,7 +621,7 @@ def measure_load(implementation: str, directory: Path, dtype: torch.dtype,
     """Load time and memory in a fresh process; `library` puts another copy of this package first on the path
     (the library before an optimisation, to measure the optimisation)."""
     env = dict(os.environ, PYTHONWARNINGS="ignore")
-    here = str(Path(__file__).resolve().parent.parent)
+    here = str(Path(__file__).resolve().parent.parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [library, here, os.environ.get("PYTHONPATH")]))
     result = subprocess.run(  # run outside the checkout, or `python -c` would import the package found there first
         [sys.executable, "-c", LOAD_PROBE, implementation, str(Path(directory).resolve()), _dtype_name(dtype)],
@@ -708,8 +685,8 @@ def run(preset: str = "3b-224", dtypes: tuple[str, ...] = ("bf16", "fp32"), batc
     "graph" on a GPU, fixed-shape steps replayed as CUDA graphs, and "dynamic" on a CPU); "compiled" is compiled in
     a warm-up generation first, whose time the report keeps (`decode_warmup_s`).
     """
-    from .checkpoint import load_model
-    from .linear import kernel_status
+    from ..io.checkpoint import load_model
+    from ..kernels.linear import kernel_status
 
     log = log or (lambda message: None)
     device = torch.device(device)
@@ -722,7 +699,7 @@ def run(preset: str = "3b-224", dtypes: tuple[str, ...] = ("bf16", "fp32"), batc
         "large_batch_repeats": large_batch_repeats, "prompt_tokens": config.num_image_tokens + PROMPT_TOKENS,
         "machine": machine_description(device), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
         "results": [], "checks": [], "ablation": [], "decode_cache": decode_cache, "decode_warmup_s": {},
-        "model": {"parameters": sum(p.numel() for p in _meta_model(config).parameters())},
+        "model": {"parameters": sum(p.numel() for p in empty_model(config).parameters())},
     }
     start_all = time.perf_counter()
     report["machine"]["streaming_kernel"] = kernel_status()  # compiles it on first use: before any timing
@@ -868,12 +845,6 @@ def run(preset: str = "3b-224", dtypes: tuple[str, ...] = ("bf16", "fp32"), batc
     return report
 
 
-def _meta_model(config: PaliGemmaConfig) -> torch.nn.Module:
-    from .checkpoint import empty_model
-
-    return empty_model(config)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # The table
 
@@ -975,49 +946,3 @@ def format_profile(report: dict[str, Any]) -> list[str]:
             shares = " ".join(f"{part['seconds'].get(k, 0) / part['wall_s']:>9.0%}" for k in kinds)
             lines.append(f"  {phase:8} {name:34} {_number(part['wall_s']):>8} {shares}")
     return lines
-
-
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(prog="python -m paligemma.bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="3b-224")
-    parser.add_argument("--dtype", nargs="+", choices=["bf16", "fp32"], default=["bf16", "fp32"])
-    parser.add_argument("--batch", nargs="+", type=int, default=[1, 8])
-    parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=2, help="alternating runs of each implementation at batch 1 "
-                        "(the best is kept)")
-    parser.add_argument("--large-batch-repeats", type=int, default=1, help="the same at larger batches")
-    parser.add_argument("--load-repeats", type=int, default=2)
-    parser.add_argument("--profile", action="store_true",
-                        help="where the time goes (torch.profiler), first dtype, batch 1")
-    parser.add_argument("--ablation", action="store_true", help="each fast path off and on, first dtype, batch 1")
-    parser.add_argument("--baseline-library", default=None, help="with --ablation: a folder holding an earlier "
-                        "version of the paligemma package, whose loading is measured too")
-    parser.add_argument("--bandwidth-mb", type=int, default=1024, help="buffer for the bandwidth measurement")
-    parser.add_argument("--no-load", action="store_true", help="skip the checkpoint loading measurements")
-    parser.add_argument("--no-limits", action="store_true", help="skip measuring bandwidth and matmul throughput")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--decode-cache", choices=CACHES, default=None,
-                        help="how this library decodes (default: graph on a GPU, dynamic on a CPU); compiled: the "
-                        "fixed-shape step compiled by torch.compile first")
-    parser.add_argument("--workdir", default=None, help="where to write the temporary checkpoint")
-    parser.add_argument("--json", default=None, help="write the report here")
-    args = parser.parse_args(argv)
-    if args.new_tokens < 2:
-        parser.error("--new-tokens must be at least 2 (the decode rate is measured after the first token)")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    report = run(args.preset, tuple(args.dtype), tuple(args.batch), args.new_tokens, args.repeats,
-                 args.large_batch_repeats, args.load_repeats, args.device, args.workdir, not args.no_load,
-                 not args.no_limits, args.bandwidth_mb << 20, args.profile, args.ablation, args.baseline_library,
-                 args.decode_cache, log=lambda message: print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True))
-    report["command"] = "python -m paligemma.bench " + " ".join(argv if argv is not None else sys.argv[1:])
-    print(format_table(report))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
-    return report
-
-
-if __name__ == "__main__":
-    main()

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageDraw
 
-from .locations import DetectedObject, box_iou, encode_objects, parse_locations
+from ..tasks.locations import DetectedObject, box_iou, encode_objects, parse_locations
 
 COLORS = {
     "red": (215, 35, 35),

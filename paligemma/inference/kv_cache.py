@@ -1,11 +1,13 @@
 """The key/value cache: what makes decoding one token cost one token's work instead of the whole sequence's.
 
-Each decoder layer hands the keys and values of its new tokens to `update`, and gets back the keys and
-values of every token so far, to attend over. Two kinds:
+Each decoder layer hands the keys and values of its new tokens to `update`, with the positions they take
+(`cache_position`, chosen by the caller: the model counts on from the cached length, a fixed-shape step passes an
+index it keeps in a tensor), and gets back the keys and values of every token so far, to attend over. Kinds:
 
 - `DynamicCache` grows by concatenation: simple, no size to choose in advance.
 - `StaticCache` writes into buffers allocated once for a maximum length, so tensor shapes and addresses
   stay fixed from step to step (what CUDA graphs and `torch.compile` need).
+- `WholeBufferCache` (in `fixed_shape`) hands back whole buffers, for decoding steps of one shape.
 
 Gemma 2's sliding-window layers only ever look at the last `window` positions, so for those layers both
 caches keep only what a later token can still see: `window - 1` positions (dynamic) or a buffer of
@@ -19,14 +21,20 @@ from collections.abc import Sequence
 
 import torch
 
+from ..errors import PaliGemmaError
+
 
 class KVCache:
-    """The interface the decoder relies on."""
+    """The interface the decoder relies on; `keys` and `values` hold one tensor per layer."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
 
     def update(
-        self, layer_idx: int, key: torch.Tensor, value: torch.Tensor, sliding_window: int | None = None
+        self, layer_idx: int, key: torch.Tensor, value: torch.Tensor, cache_position: torch.Tensor,
+        sliding_window: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store key/value [batch, kv_heads, new, head_dim] for `layer_idx`; return all of them so far.
+        """Store key/value [batch, kv_heads, new, head_dim] of `layer_idx` at `cache_position` [new]; return all so far.
 
         With `sliding_window`, the layer attends to the last `sliding_window` positions only: the cache may
         forget older ones, and returns at least the last `sliding_window - 1` cached positions plus the new ones.
@@ -39,11 +47,12 @@ class KVCache:
 
     def memory_bytes(self) -> int:
         """Bytes held by the cached keys and values."""
-        raise NotImplementedError
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
 
 
 class DynamicCache(KVCache):
-    """A cache that grows by one concatenation per layer per step."""
+    """A cache that grows by one concatenation per layer per step (new positions always follow the cached ones,
+    so appending is writing at `cache_position`)."""
 
     def __init__(self) -> None:
         self.keys: list[torch.Tensor] = []
@@ -51,7 +60,8 @@ class DynamicCache(KVCache):
         self.seen: list[int] = []  # positions that went through each layer (more than it keeps when sliding)
 
     def update(
-        self, layer_idx: int, key: torch.Tensor, value: torch.Tensor, sliding_window: int | None = None
+        self, layer_idx: int, key: torch.Tensor, value: torch.Tensor, cache_position: torch.Tensor,
+        sliding_window: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if layer_idx == len(self.keys):  # first call for this layer
             self.keys.append(key)
@@ -70,9 +80,6 @@ class DynamicCache(KVCache):
 
     def get_seq_length(self) -> int:
         return self.seen[0] if self.seen else 0
-
-    def memory_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
 
 
 class StaticCache(KVCache):
@@ -95,30 +102,38 @@ class StaticCache(KVCache):
     ) -> None:
         windows = list(sliding_windows) if sliding_windows is not None else [None] * num_layers
         if len(windows) != num_layers:
-            raise ValueError(f"sliding_windows has {len(windows)} entries for {num_layers} layers")
+            raise PaliGemmaError(f"sliding_windows has {len(windows)} entries for {num_layers} layers")
         self.capacity = [min(w, max_length) if w is not None else max_length for w in windows]
         self.keys = [torch.zeros(batch_size, num_kv_heads, c, head_dim, dtype=dtype, device=device) for c in self.capacity]
         self.values = [torch.zeros(batch_size, num_kv_heads, c, head_dim, dtype=dtype, device=device) for c in self.capacity]
         self.lengths = [0] * num_layers  # positions that went through each layer
         self.max_length = max_length
 
+    @classmethod
+    def for_model(cls, model: torch.nn.Module, batch_size: int, max_length: int) -> "StaticCache":
+        """A cache shaped for `model`'s decoder (its layers, key/value heads, dtype, device and windows)."""
+        text = model.config.text_config
+        return cls(text.num_hidden_layers, batch_size, text.num_key_value_heads, text.head_dim, max_length,
+                   dtype=model.dtype, device=model.device, sliding_windows=text.layer_sliding_windows)
+
     def update(
-        self, layer_idx: int, key: torch.Tensor, value: torch.Tensor, sliding_window: int | None = None
+        self, layer_idx: int, key: torch.Tensor, value: torch.Tensor, cache_position: torch.Tensor,
+        sliding_window: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         start = self.lengths[layer_idx]
         new = key.shape[2]
         end = start + new
         if end > self.max_length:
-            raise ValueError(f"static cache is full: {end} positions needed, {self.max_length} allocated")
+            raise PaliGemmaError(f"static cache is full: {end} positions needed, {self.max_length} allocated")
         capacity = self.capacity[layer_idx]
         keys, values = self.keys[layer_idx], self.values[layer_idx]
         self.lengths[layer_idx] = end
-        if end <= capacity:  # room left: write in place (every global layer takes this path)
-            keys[:, :, start:end] = key
-            values[:, :, start:end] = value
+        if end <= capacity:  # room left: write in place at the given positions (every global layer does)
+            keys.index_copy_(2, cache_position, key)
+            values.index_copy_(2, cache_position, value)
             return keys[:, :, :end], values[:, :, :end]
         if sliding_window is None or sliding_window > capacity:
-            raise ValueError(
+            raise PaliGemmaError(
                 f"layer {layer_idx} was allocated for a sliding window of {capacity}, "
                 f"but is updated with sliding_window={sliding_window}"
             )
@@ -137,6 +152,3 @@ class StaticCache(KVCache):
 
     def get_seq_length(self) -> int:
         return self.lengths[0]
-
-    def memory_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.keys + self.values)

@@ -20,12 +20,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import additive_mask
-from .config import PaliGemmaConfig
-from .errors import PaliGemmaError
+from ..errors import PaliGemmaError
+from ..io.layout import write_checkpoint
+from .attention import IMPLEMENTATIONS, DotProductAttention, additive_mask
+from .config import FULL, SLIDING, PaliGemmaConfig
+from .gemma import LayerCache
 from .gemma2 import build_language_model
-from .kv_cache import KVCache
-from .linear import Linear
 from .siglip import SiglipVisionModel
 
 
@@ -35,10 +35,8 @@ class PaliGemmaOutput:
 
     logits: torch.Tensor | None
     loss: torch.Tensor | None = None
-    kv_cache: KVCache | None = None
+    kv_cache: LayerCache | None = None
     image_features: torch.Tensor | None = None
-    vision_attentions: list[torch.Tensor] | None = None
-    text_attentions: list[torch.Tensor] | None = None
 
     def __getitem__(self, key: str) -> Any:
         return getattr(self, key)
@@ -52,7 +50,7 @@ class PaliGemmaMultiModalProjector(nn.Module):
 
     def __init__(self, config: PaliGemmaConfig) -> None:
         super().__init__()
-        self.linear = Linear(config.vision_config.hidden_size, config.projection_dim)
+        self.linear = nn.Linear(config.vision_config.hidden_size, config.projection_dim)
 
     def forward(self, image_features: torch.Tensor) -> torch.Tensor:
         return self.linear(image_features)
@@ -107,16 +105,14 @@ class PaliGemmaForConditionalGeneration(nn.Module):
         return self.multi_modal_projector.linear.weight.dtype
 
     def set_attention_implementation(self, implementation: str) -> None:
-        """'sdpa' (fused, the default) or 'eager' (the softmax spelled out)."""
-        if implementation not in ("sdpa", "eager"):
+        """'sdpa' (fused, the default) or 'eager' (the softmax spelled out), in every attention layer."""
+        if implementation not in IMPLEMENTATIONS:
             raise PaliGemmaError(f"unknown attention implementation {implementation!r}: use 'sdpa' or 'eager'")
         for module in self.modules():
-            if hasattr(module, "implementation"):
+            if isinstance(module, DotProductAttention):
                 module.implementation = implementation
 
-    def get_image_features(
-        self, pixel_values: torch.Tensor, return_attentions: bool = False
-    ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """pixels [b, 3, H, W] -> image tokens in Gemma's space [b, num_patches, text hidden]."""
         expected = (self.config.vision_config.num_channels, self.config.vision_config.image_size)
         if pixel_values.dim() != 4 or pixel_values.shape[1] != expected[0] or pixel_values.shape[2:] != (expected[1],) * 2:
@@ -124,11 +120,7 @@ class PaliGemmaForConditionalGeneration(nn.Module):
                 f"pixel_values must have shape [batch, {expected[0]}, {expected[1]}, {expected[1]}], "
                 f"got {list(pixel_values.shape)}"
             )
-        if return_attentions:
-            features, attentions = self.vision_tower(pixel_values.to(self.dtype), return_attentions=True)
-        else:
-            features, attentions = self.vision_tower(pixel_values.to(self.dtype)), None
-        return self.multi_modal_projector(features), attentions
+        return self.multi_modal_projector(self.vision_tower(pixel_values.to(self.dtype)))
 
     def embed_inputs(self, input_ids: torch.Tensor, image_features: torch.Tensor | None) -> torch.Tensor:
         """Token embeddings with the image features written, unscaled and in order, over the `<image>` positions."""
@@ -159,9 +151,9 @@ class PaliGemmaForConditionalGeneration(nn.Module):
         token_type_ids: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
-        kv_cache: KVCache | None = None,
+        kv_cache: LayerCache | None = None,
+        cache_position: torch.Tensor | None = None,
         logits_to_keep: int = 0,
-        return_attentions: bool = False,
         return_logits: bool = True,
         **unused: Any,
     ) -> PaliGemmaOutput:
@@ -172,6 +164,7 @@ class PaliGemmaForConditionalGeneration(nn.Module):
         to all prefix. With labels (-100 where no loss is wanted), the loss is the mean cross-entropy of
         predicting each labelled token from the one before it. logits_to_keep > 0 keeps only the last positions;
         return_logits=False (training) computes logits only where a label needs them, and returns none.
+        cache_position [new]: where the new positions go in `kv_cache` (by default right after the cached ones).
         """
         past_length = kv_cache.get_seq_length() if kv_cache is not None else 0
         batch, length = input_ids.shape
@@ -192,12 +185,13 @@ class PaliGemmaForConditionalGeneration(nn.Module):
                 f"{self.config.text_config.max_position_embeddings}"
             )
 
-        image_features, vision_attentions = (None, None)
-        if pixel_values is not None:
-            image_features, vision_attentions = self.get_image_features(pixel_values, return_attentions)
+        if kv_cache is not None and cache_position is None:
+            cache_position = torch.arange(past_length, past_length + length, device=input_ids.device)
+
+        image_features = None if pixel_values is None else self.get_image_features(pixel_values)
         embeds = self.embed_inputs(input_ids, image_features)
         mask = self.attention_masks(attention_mask, token_type_ids, past_length, embeds.dtype)
-        hidden, text_attentions = self.language_model(embeds, position_ids, mask, kv_cache, return_attentions)
+        hidden = self.language_model(embeds, position_ids, mask, kv_cache, cache_position)
         if logits_to_keep > 0:
             hidden = hidden[:, -logits_to_keep:]
 
@@ -216,14 +210,7 @@ class PaliGemmaForConditionalGeneration(nn.Module):
             )
         elif return_logits:
             logits = self.language_model.logits(hidden)
-        return PaliGemmaOutput(
-            logits=logits,
-            loss=loss,
-            kv_cache=kv_cache,
-            image_features=image_features,
-            vision_attentions=vision_attentions if return_attentions else None,
-            text_attentions=text_attentions if return_attentions else None,
-        )
+        return PaliGemmaOutput(logits=logits, loss=loss, kv_cache=kv_cache, image_features=image_features)
 
     def attention_masks(
         self, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None, past_length: int, dtype: torch.dtype
@@ -234,23 +221,14 @@ class PaliGemmaForConditionalGeneration(nn.Module):
         if window is None:
             return full
         sliding = prefix_lm_mask(attention_mask, token_type_ids, past_length, sliding_window=window)
-        return {"full_attention": full, "sliding_attention": additive_mask(sliding, dtype)}
+        return {FULL: full, SLIDING: additive_mask(sliding, dtype)}
 
     def num_parameters(self) -> int:
         """Parameters counted once each (the tied output head shares the embedding table)."""
         return sum(p.numel() for p in self.parameters())
 
     def save_pretrained(self, directory: str | Path, max_shard_size: int | str = "5GB") -> None:
-        """Write config.json and safetensors weights in the Hugging Face layout."""
-        from .checkpoint import save_pretrained
-
-        save_pretrained(self, directory, max_shard_size=max_shard_size)
-
-    @classmethod
-    def from_pretrained(
-        cls, directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None
-    ) -> "PaliGemmaForConditionalGeneration":
-        """Load the weights of a Hugging Face PaliGemma folder (no tokenizer needed)."""
-        from .checkpoint import load_model
-
-        return load_model(directory, device=device, dtype=dtype)
+        """Write config.json and safetensors weights in the Hugging Face layout (transformers loads the folder)."""
+        self.config.dtype = str(self.dtype).removeprefix("torch.")
+        tied = ["language_model.lm_head.weight"] if self.config.text_config.tie_word_embeddings else []
+        write_checkpoint(directory, self.config.to_dict(), self.state_dict(), max_shard_size, skip=tied)

@@ -11,9 +11,8 @@ import torch
 from torch import nn
 
 from .activations import get_activation
-from .attention import attention
+from .attention import DotProductAttention
 from .config import SiglipVisionConfig
-from .linear import Linear
 
 
 class SiglipVisionEmbeddings(nn.Module):
@@ -39,22 +38,20 @@ class SiglipAttention(nn.Module):
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.head_dim = config.head_dim
-        self.scale = self.head_dim**-0.5
-        self.q_proj = Linear(config.hidden_size, config.hidden_size)
-        self.k_proj = Linear(config.hidden_size, config.hidden_size)
-        self.v_proj = Linear(config.hidden_size, config.hidden_size)
-        self.out_proj = Linear(config.hidden_size, config.hidden_size)
-        self.implementation = "sdpa"
+        self.q_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.k_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.v_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.out_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.attend = DotProductAttention(self.head_dim**-0.5)
 
-    def forward(self, x: torch.Tensor, return_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, length, _ = x.shape
         heads = (batch, length, self.num_heads, self.head_dim)
         q = self.q_proj(x).view(heads).transpose(1, 2)  # [b, n, d] -> [b, heads, n, head_dim]
         k = self.k_proj(x).view(heads).transpose(1, 2)
         v = self.v_proj(x).view(heads).transpose(1, 2)
-        out, weights = attention(q, k, v, None, self.scale, self.implementation, return_weights)
-        out = out.reshape(batch, length, -1)  # [b, n, heads, head_dim] -> [b, n, d]
-        return self.out_proj(out), weights
+        out = self.attend(q, k, v).reshape(batch, length, -1)  # [b, n, heads, head_dim] -> [b, n, d]
+        return self.out_proj(out)
 
 
 class SiglipMLP(nn.Module):
@@ -62,8 +59,8 @@ class SiglipMLP(nn.Module):
 
     def __init__(self, config: SiglipVisionConfig) -> None:
         super().__init__()
-        self.fc1 = Linear(config.hidden_size, config.intermediate_size)
-        self.fc2 = Linear(config.intermediate_size, config.hidden_size)
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
         self.act = get_activation(config.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -80,14 +77,14 @@ class SiglipEncoderLayer(nn.Module):
         self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = SiglipMLP(config)
 
-    def forward(self, x: torch.Tensor, return_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        attended, weights = self.self_attn(self.layer_norm1(x), return_weights)
-        x = x + attended
-        x = x + self.mlp(self.layer_norm2(x))
-        return x, weights
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
 
 
 class SiglipEncoder(nn.Module):
+    """The stack of encoder layers (its own module, for the checkpoint's `encoder.layers.N` names)."""
+
     def __init__(self, config: SiglipVisionConfig) -> None:
         super().__init__()
         self.layers = nn.ModuleList(SiglipEncoderLayer(config) for _ in range(config.num_hidden_layers))
@@ -103,14 +100,8 @@ class SiglipVisionModel(nn.Module):
         self.encoder = SiglipEncoder(config)
         self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
-    def forward(
-        self, pixel_values: torch.Tensor, return_attentions: bool = False
-    ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
-        """With `return_attentions`, also the weights of every layer, each [b, heads, patches, patches]."""
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         x = self.embeddings(pixel_values)
-        attentions = []
         for layer in self.encoder.layers:
-            x, weights = layer(x, return_attentions)
-            attentions.append(weights)
-        x = self.post_layernorm(x)
-        return (x, attentions) if return_attentions else x
+            x = layer(x)
+        return self.post_layernorm(x)

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import PaliGemmaError
+from ..errors import PaliGemmaError
 from .locations import SEG_CODES, SEG_TOKENS, DetectedObject
 
 CODEBOOK_KEY = "_vq_vae._embedding"

@@ -16,9 +16,8 @@ from __future__ import annotations
 import torch
 
 from .attention import soft_cap
-from .config import SLIDING, Gemma2Config
-from .gemma import GemmaAttention, GemmaDecoderLayer, GemmaLanguageModel, GemmaRMSNorm
-from .kv_cache import KVCache
+from .config import SLIDING, Gemma2Config, GemmaConfig
+from .gemma import GemmaAttention, GemmaDecoderLayer, GemmaLanguageModel, GemmaRMSNorm, LayerCache
 
 
 class Gemma2Attention(GemmaAttention):
@@ -26,8 +25,8 @@ class Gemma2Attention(GemmaAttention):
 
     def __init__(self, config: Gemma2Config, layer_idx: int) -> None:
         super().__init__(config, layer_idx)
-        self.scale = config.query_pre_attn_scalar**-0.5
-        self.softcap = config.attn_logit_softcapping
+        self.attend.scale = config.query_pre_attn_scalar**-0.5
+        self.attend.softcap = config.attn_logit_softcapping
         self.sliding_window = config.layer_sliding_windows[layer_idx]
 
 
@@ -51,13 +50,12 @@ class Gemma2DecoderLayer(GemmaDecoderLayer):
         x: torch.Tensor,
         rotary: tuple[torch.Tensor, torch.Tensor],
         mask: torch.Tensor | None,
-        cache: KVCache | None = None,
-        return_weights: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        attended, weights = self.self_attn(self.input_layernorm(x), rotary, mask, cache, return_weights)
+        cache: LayerCache | None = None,
+        cache_position: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        attended = self.self_attn(self.input_layernorm(x), rotary, mask, cache, cache_position)
         x = x + self.post_attention_layernorm(attended)
-        x = x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
-        return x, weights
+        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
 
 
 class Gemma2LanguageModel(GemmaLanguageModel):
@@ -72,6 +70,6 @@ class Gemma2LanguageModel(GemmaLanguageModel):
         return logits if cap is None else soft_cap(logits, cap)
 
 
-def build_language_model(config) -> GemmaLanguageModel:
+def build_language_model(config: GemmaConfig) -> GemmaLanguageModel:
     """Gemma or Gemma 2, as the text config says."""
     return Gemma2LanguageModel(config) if isinstance(config, Gemma2Config) else GemmaLanguageModel(config)

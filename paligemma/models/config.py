@@ -1,20 +1,22 @@
 """Configurations for the vision tower, the language model and PaliGemma as a whole.
 
-Each config is a plain dataclass. `from_dict` reads a Hugging Face `config.json` (or a part of
-one): real files are sparse and written by several generations of `transformers`, so every
-missing field takes the value that `transformers` gives it, and older field names are accepted.
+Each config is a plain dataclass. `from_dict` reads the contents of a Hugging Face `config.json` (or a part of one;
+`paligemma.io.checkpoint.read_config` reads the file): real files are sparse and written by several generations of
+`transformers`, so every missing field takes the value that `transformers` gives it, and older field names are
+accepted.
 `to_dict` writes the layout that current `transformers` reads.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from .errors import PaliGemmaError
+from ..errors import PaliGemmaError
+
+# The two kinds of decoder layer (Gemma 2's `layer_types`): a sliding window, or the whole sequence.
+SLIDING, FULL = "sliding_attention", "full_attention"
 
 # What `transformers` fills in for a PaliGemma config whose sub-config is missing altogether.
 _DEFAULT_VISION = dict(
@@ -161,8 +163,6 @@ class GemmaConfig:
         return {"model_type": self.model_type, **values}
 
 
-SLIDING, FULL = "sliding_attention", "full_attention"
-
 
 @dataclass
 class Gemma2Config(GemmaConfig):
@@ -290,22 +290,6 @@ class PaliGemmaConfig:
         values["dtype"] = values.get("dtype") or values.get("torch_dtype")
         return cls(**_known_fields(cls, values))
 
-    @classmethod
-    def from_json_file(cls, path: str | Path) -> "PaliGemmaConfig":
-        path = Path(path)
-        try:
-            values = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise PaliGemmaError(f"config file not found: {path}") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise PaliGemmaError(f"config file {path} is not valid JSON: {error}") from None
-        if not isinstance(values, dict):
-            raise PaliGemmaError(f"config file {path} does not hold a JSON object")
-        try:
-            return cls.from_dict(values)
-        except TypeError as error:
-            raise PaliGemmaError(f"config file {path} has a field of the wrong type: {error}") from None
-
     def to_dict(self) -> dict[str, Any]:
         """The `config.json` layout of current `transformers` (also read by older versions)."""
         text = self.text_config.to_dict()
@@ -330,6 +314,3 @@ class PaliGemmaConfig:
         if self.dtype is not None:
             values["dtype"] = self.dtype
         return values
-
-    def to_json_file(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")

@@ -6,7 +6,8 @@ sets the pace. A CUDA graph records every kernel of one step once; each later st
 launch. A replay can change nothing but the contents of tensors — not a shape, not an address — so this step:
 
 - keeps every layer's keys and values in buffers of the final length (`WholeBufferCache`), writes the new position
-  at an index held in a tensor, and attends over the whole buffer, positions not yet written masked out;
+  at an index held in a tensor (`write_at`, passed to the cache as the position to write), and attends over the
+  whole buffer, positions not yet written masked out;
 - computes its mask, position and rotary angles inside the step, from two tensors it owns: which positions hold
   real tokens (`seen`), and where the next token goes (`write_at`);
 - reads its token from, and leaves its logits in, tensors of its own.
@@ -24,14 +25,15 @@ another.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 
-from .attention import additive_mask
-from .errors import PaliGemmaError
-from .kv_cache import KVCache
-from .model import PaliGemmaForConditionalGeneration
+from ..errors import PaliGemmaError
+from ..models.attention import additive_mask
+from ..models.config import FULL, SLIDING
+from ..models.paligemma import PaliGemmaForConditionalGeneration
+from .kv_cache import DynamicCache, KVCache
 
 COMPILE_LENGTH_STEP = 256  # compiled steps: buffer lengths are multiples of this, one compiled step serves them all
 
@@ -39,10 +41,9 @@ COMPILE_LENGTH_STEP = 256  # compiled steps: buffer lengths are multiples of thi
 class WholeBufferCache(KVCache):
     """Keys and values of every layer in buffers of `max_length` positions, for the fixed-shape step.
 
-    The prefill (`fixed_step` False) writes its positions at the front and gets back what it wrote, as with
-    `StaticCache`. A fixed-shape step writes one position at `write_at` and gets back the whole buffers; its mask
-    hides the positions not written yet (a sliding layer's mask also hides those beyond its window, so every layer
-    keeps the full length here).
+    `update` writes the new position at `cache_position` (a tensor: the step's `write_at`) and returns the whole
+    buffers; the step's mask hides the positions not written yet (a sliding layer's mask also hides those beyond its
+    window, so every layer keeps the full length here). The prompt is copied in by `fill`.
     """
 
     def __init__(self, num_layers: int, batch_size: int, num_kv_heads: int, head_dim: int, max_length: int,
@@ -53,27 +54,25 @@ class WholeBufferCache(KVCache):
         self.write_at = torch.zeros(1, dtype=torch.long, device=device)  # where the next step's position goes
         self.length = 0  # positions written so far (kept on the host: reading write_at would wait for the GPU)
         self.max_length = max_length
-        self.fixed_step = False
 
-    def update(self, layer_idx: int, key: torch.Tensor, value: torch.Tensor, sliding_window: int | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+    def fill(self, prompt: DynamicCache, length: int) -> None:
+        """Copy a prompt's cache in: `length` positions, of which a sliding layer may hold only the most recent."""
+        for keys, values, held_keys, held_values in zip(self.keys, self.values, prompt.keys, prompt.values):
+            held = held_keys.shape[2]  # the last `held` positions of the prompt
+            keys[:, :, length - held:length] = held_keys
+            values[:, :, length - held:length] = held_values
+        self.length = length
+        self.write_at.fill_(length)
+
+    def update(self, layer_idx: int, key: torch.Tensor, value: torch.Tensor, cache_position: torch.Tensor,
+               sliding_window: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         keys, values = self.keys[layer_idx], self.values[layer_idx]
-        if self.fixed_step:  # key, value [b, kv, 1, d] go to position write_at; attend over everything
-            keys.index_copy_(2, self.write_at, key)
-            values.index_copy_(2, self.write_at, value)
-            return keys, values
-        new = key.shape[2]
-        if new > self.max_length:
-            raise PaliGemmaError(f"a prompt of {new} positions does not fit a cache of {self.max_length}")
-        keys[:, :, :new] = key
-        values[:, :, :new] = value
-        return keys[:, :, :new], values[:, :, :new]
+        keys.index_copy_(2, cache_position, key)  # key, value [b, kv, 1, d] at position write_at
+        values.index_copy_(2, cache_position, value)
+        return keys, values
 
     def get_seq_length(self) -> int:
         return self.length
-
-    def memory_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
 
 
 class FixedShapeDecoder:
@@ -105,19 +104,21 @@ class FixedShapeDecoder:
         self.logits: torch.Tensor | None = None
 
     @torch.no_grad()
-    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor,
-                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Run the prompt through the model, filling the cache; the last position's logits [b, vocab]."""
-        batch, length = input_ids.shape
-        if batch != self.seen.shape[0]:
-            raise PaliGemmaError(f"a batch of {batch} prompts for a decoder built for {self.seen.shape[0]}")
+    def prefill(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Run the prompt (a processor batch) through the model, filling the cache; last logits [b, vocab]."""
+        input_ids, attention_mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
+        size, length = input_ids.shape
+        if size != self.seen.shape[0]:
+            raise PaliGemmaError(f"a batch of {size} prompts for a decoder built for {self.seen.shape[0]}")
         if length >= self.cache.max_length:
             raise PaliGemmaError(f"a prompt of {length} tokens leaves no room in a cache of {self.cache.max_length}")
-        out = self.model(input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
-                         token_type_ids=token_type_ids, kv_cache=self.cache, logits_to_keep=1)
+        prompt_cache = DynamicCache()
+        token_type_ids = batch.get("token_type_ids")
+        out = self.model(input_ids, pixel_values=batch["pixel_values"].to(self.device), attention_mask=attention_mask,
+                         token_type_ids=None if token_type_ids is None else token_type_ids.to(self.device),
+                         kv_cache=prompt_cache, logits_to_keep=1)
+        self.cache.fill(prompt_cache, length)
         self.seen[:, :length] = attention_mask
-        self.cache.length = length
-        self.cache.write_at.fill_(length)
         return out.logits[:, -1]
 
     def _masks(self, dtype: torch.dtype) -> torch.Tensor | dict[str, torch.Tensor]:
@@ -127,7 +128,7 @@ class FixedShapeDecoder:
         if self.window is None:
             return full
         recent = self.key_positions > self.cache.write_at - self.window  # [L]: within the window of the new token
-        return {"full_attention": full, "sliding_attention": additive_mask(allowed & recent, dtype)}
+        return {FULL: full, SLIDING: additive_mask(allowed & recent, dtype)}
 
     def _step(self) -> torch.Tensor:
         """One decoding step on the tensors this decoder owns (what the CUDA graph records)."""
@@ -135,11 +136,7 @@ class FixedShapeDecoder:
         self.seen.index_fill_(1, self.cache.write_at, 1)
         position = self.seen.sum(-1, keepdim=True)  # [b, 1]: real tokens so far, the new one included
         embeds = language_model.embed(self.token)  # [b, 1, d]
-        self.cache.fixed_step = True
-        try:
-            hidden, _ = language_model(embeds, position, self._masks(embeds.dtype), self.cache)
-        finally:
-            self.cache.fixed_step = False
+        hidden = language_model(embeds, position, self._masks(embeds.dtype), self.cache, self.cache.write_at)
         return language_model.logits(hidden)[:, -1]  # [b, vocab]
 
     def _capture(self) -> None:
@@ -175,11 +172,9 @@ def _compiled(step: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
     """`step` compiled by `torch.compile` on its first call, for fixed shapes; a failure to compile is one clear error.
 
     Inductor's fused loops round bf16 intermediates where eager PyTorch does (`emulate_precision_casts`), so a
-    compiled step computes what the eager one does, up to the order of some fp32 sums.
+    compiled step computes what the eager one does, up to the order of some fp32 sums. The streaming kernel of
+    `paligemma.kernels` tells the compiler its result's shape when it is built, so compiled steps call it too.
     """
-    from .linear import register_kernel_for_compile
-
-    register_kernel_for_compile()
     compiled = torch.compile(step, dynamic=False, options={"emulate_precision_casts": True})
     compiled_once = False
 

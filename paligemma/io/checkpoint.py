@@ -1,0 +1,215 @@
+"""Loading and saving whole checkpoints: `load_pretrained`, `load_model`, `save_pretrained`.
+
+How weights are read decides how fast loading is and how much memory it takes. Tensors already in the wanted dtype
+are views of the file mapped into memory (no copy: pages come in from the page cache when first used, and the model
+takes exactly its weights' size). Tensors to convert (a float32 file loaded in bf16, say) are read a bounded chunk at
+a time, on a few threads, straight into their final tensor, so loading never holds a second copy of the model. The
+model is built on the meta device first (shapes, no memory) and takes the loaded tensors as its parameters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import PaliGemmaError
+from ..kernels import accelerate as accelerate_model
+from ..models.config import PaliGemmaConfig
+from ..models.paligemma import PaliGemmaForConditionalGeneration
+from .config_file import read_config
+from .layout import CONFIG_FILE, TIED_HEAD, to_disk_name, to_library_name, weight_files
+from .processor import PaliGemmaProcessor
+from .safetensors import SafetensorsFile
+
+BUNDLED_DIR = Path(__file__).resolve().parent.parent / "checkpoints"  # models shipped inside the package, loadable by name
+
+DTYPES = {
+    "fp32": torch.float32, "float32": torch.float32,
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp16": torch.float16, "float16": torch.float16,
+}
+
+
+def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """torch dtypes or their short names ('bf16', 'fp32', ...); None or 'auto' keeps the file's dtype."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        if dtype is not None and dtype not in DTYPES.values():
+            raise PaliGemmaError(f"unsupported dtype {dtype}; use float32, bfloat16 or float16")
+        return dtype
+    if dtype == "auto":
+        return None
+    try:
+        return DTYPES[str(dtype).lower()]
+    except KeyError:
+        raise PaliGemmaError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)} or 'auto'") from None
+
+
+def parse_device(device: torch.device | str) -> torch.device:
+    try:
+        device = torch.device(device)
+    except RuntimeError as error:
+        raise PaliGemmaError(f"unknown device {str(device)!r}: {error}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise PaliGemmaError("device 'cuda' was asked for but CUDA is not available on this machine")
+    return device
+
+
+def resolve_checkpoint(name_or_path: str | Path) -> Path:
+    """A folder path, or the name of a model shipped with the package."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        return path
+    bundled = BUNDLED_DIR / str(name_or_path)
+    if bundled.is_dir():
+        return bundled
+    if path.exists():
+        raise PaliGemmaError(f"{path} is a file; a checkpoint is a folder with config.json, weights and tokenizer.model")
+    raise PaliGemmaError(f"checkpoint folder not found: {path}")
+
+
+READ_THREADS = min(4, os.cpu_count() or 1)
+
+
+def _describe(names: list[str], limit: int = 5) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+_INITIALISERS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "kaiming_uniform_",
+                 "kaiming_normal_", "xavier_uniform_", "xavier_normal_")
+
+
+@contextlib.contextmanager
+def _no_initialisation() -> Iterator[None]:
+    """Make `torch.nn.init` do nothing: weights about to be replaced need no random values (and drawing them on the
+    meta device imports PyTorch's compiler stack, a second or more of a first load)."""
+    from torch.nn import init
+
+    saved = {name: getattr(init, name) for name in _INITIALISERS}
+    for name in _INITIALISERS:
+        setattr(init, name, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for name, function in saved.items():
+            setattr(init, name, function)
+
+
+def empty_model(config: PaliGemmaConfig) -> PaliGemmaForConditionalGeneration:
+    """The model's structure on the meta device: shapes and names, no memory, no initial values."""
+    with _no_initialisation(), torch.device("meta"):
+        return PaliGemmaForConditionalGeneration(config)
+
+
+def _load_weights(
+    directory: Path,
+    config: PaliGemmaConfig,
+    device: torch.device | str,
+    dtype: torch.dtype | str | None,
+    progress: bool,
+) -> PaliGemmaForConditionalGeneration:
+    """A model of `config` on the meta device, then its tensors from the folder's safetensors, several at a time."""
+    files = [SafetensorsFile(path) for path in weight_files(directory)]
+    device, dtype = parse_device(device), parse_dtype(dtype)
+
+    model = empty_model(config)
+    tied = config.text_config.tie_word_embeddings
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items() if not (tied and name == TIED_HEAD)}
+    wanted: dict[str, tuple[SafetensorsFile, str]] = {}
+    unexpected, wrong_shape = [], []
+    for file in files:
+        for disk_name in file.entries:
+            name, shape = to_library_name(disk_name), file.shape(disk_name)
+            if name == TIED_HEAD and tied:
+                continue  # the head is the embedding table
+            if name not in expected:
+                unexpected.append(disk_name)
+            elif shape != expected[name]:
+                wrong_shape.append(f"{disk_name} {list(shape)} (expected {list(expected[name])}) in {file.path.name}")
+            else:
+                wanted[name] = (file, disk_name)
+    if wrong_shape:
+        raise PaliGemmaError(f"weights of the wrong shape for this config: {_describe(wrong_shape)}")
+    if unexpected:
+        raise PaliGemmaError(f"unexpected tensors in the checkpoint: {_describe(unexpected)}")
+    missing = [to_disk_name(name) for name in expected if name not in wanted]
+    if missing:
+        raise PaliGemmaError(f"tensors missing from the checkpoint: {_describe(missing)}")
+
+    def read(name: str) -> torch.Tensor:
+        file, disk_name = wanted[name]
+        return file.tensor(disk_name, dtype, device)
+
+    # Largest first, so the threads finish together; conversions run in parallel, mapped views cost nothing.
+    order = sorted(wanted, key=lambda name: -wanted[name][0].nbytes(wanted[name][1]))
+    total = sum(file.nbytes(disk_name) for file, disk_name in wanted.values())
+    state: dict[str, torch.Tensor] = {}
+    with ThreadPoolExecutor(max_workers=READ_THREADS) as pool, \
+            tqdm(total=total, unit="B", unit_scale=True, desc="loading weights", disable=not progress) as bar:
+        for name, tensor in zip(order, pool.map(read, order)):
+            state[name] = tensor
+            bar.update(wanted[name][0].nbytes(wanted[name][1]))
+    state = {name: state[name] for name in wanted}  # the file's order
+    dtypes = {t.dtype for t in state.values()}
+    if len(dtypes) > 1:  # a file of mixed precision loaded with dtype='auto': settle on the widest
+        widest = torch.float32 if torch.float32 in dtypes else next(iter(dtypes))
+        state = {name: t.to(widest) for name, t in state.items()}
+    if tied:
+        state[TIED_HEAD] = state["language_model.embed_tokens.weight"]
+    model.load_state_dict(state, assign=True, strict=True)
+    model.language_model.tie_weights()  # assignment gave the head a Parameter of its own: share the table again
+    config.dtype = str(next(iter(state.values())).dtype).removeprefix("torch.")
+    return model.eval()
+
+
+def _accelerated(model: PaliGemmaForConditionalGeneration, accelerate: bool | None) -> PaliGemmaForConditionalGeneration:
+    """Swap in the fast CPU products (`paligemma.kernels.accelerate`) unless told not to; on a GPU they do nothing."""
+    if accelerate is None:
+        accelerate = model.device.type == "cpu"
+    return accelerate_model(model) if accelerate else model
+
+
+def load_model(
+    name_or_path: str | Path,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | str | None = torch.float32,
+    progress: bool = False,
+    accelerate: bool | None = None,
+) -> PaliGemmaForConditionalGeneration:
+    """Build the model from a checkpoint folder's config and weights, converting each tensor to `dtype` on `device`.
+
+    `accelerate` (default: on a CPU) swaps in `paligemma.kernels`' products; float32 models keep PyTorch's own
+    unless `fast_paths(fp32=True)` says otherwise, so their numerics stay those of the reference.
+    """
+    directory = resolve_checkpoint(name_or_path)
+    config = read_config(directory / CONFIG_FILE)
+    return _accelerated(_load_weights(directory, config, device, dtype, progress), accelerate)
+
+
+def load_pretrained(
+    name_or_path: str | Path,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | str | None = torch.float32,
+    progress: bool = False,
+    accelerate: bool | None = None,
+) -> tuple[PaliGemmaForConditionalGeneration, PaliGemmaProcessor]:
+    """The model and its processor from a checkpoint folder (or the name of a model shipped with the package)."""
+    directory = resolve_checkpoint(name_or_path)
+    config = read_config(directory / CONFIG_FILE)
+    processor = PaliGemmaProcessor.from_pretrained(directory, config)  # fail fast on a missing tokenizer
+    return _accelerated(_load_weights(directory, config, device, dtype, progress), accelerate), processor
+
+
+def save_pretrained(
+    model: PaliGemmaForConditionalGeneration, directory: str | Path, max_shard_size: int | str = "5GB"
+) -> None:
+    """Write config.json and the weights (sharded above `max_shard_size`), readable by transformers too."""
+    model.save_pretrained(directory, max_shard_size)
+
+

@@ -1,0 +1,151 @@
+"""The safetensors file format, read and written by hand.
+
+A file is an 8-byte little-endian header length, a JSON header (name -> dtype, shape, byte range; an optional
+`__metadata__`) and the tensors' raw bytes, one after another. Reading maps the file into memory, so a tensor in the
+wanted dtype is a view of the page cache (no copy); a tensor to convert is read a bounded chunk at a time. Writing
+takes one tensor at a time, so a checkpoint larger than memory can be written (the benchmark's random 3B weights),
+into a temporary file renamed at the end: a killed writer leaves the old file or none, never half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import mmap
+import os
+import struct
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import torch
+
+from ..errors import PaliGemmaError
+
+DTYPE_CODES = {
+    "F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "I64": torch.int64,
+    "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
+CODE_OF_DTYPE = {dtype: code for code, dtype in DTYPE_CODES.items()}
+CONVERT_CHUNK_BYTES = 8 << 20  # read at a time when a tensor changes dtype: all a conversion holds extra
+MAX_HEADER_BYTES = 100 << 20
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+class SafetensorsFile:
+    """One safetensors file: its header, checked here, and the file mapped (copy on write, so never modified)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            with open(path, "rb") as handle:
+                size = os.fstat(handle.fileno()).st_size
+                (length,) = struct.unpack("<Q", handle.read(8))
+                if length > size - 8 or length > MAX_HEADER_BYTES:
+                    raise ValueError(f"header length {length} does not fit in a file of {size} bytes")
+                header = json.loads(handle.read(length))
+                self.data_start = 8 + length
+                if not isinstance(header, dict):
+                    raise ValueError("the header is not a JSON object")
+                self.entries = {name: info for name, info in header.items() if name != "__metadata__"}
+                for name, info in self.entries.items():
+                    begin, end = info["data_offsets"]
+                    nbytes = math.prod(info["shape"]) * _itemsize(DTYPE_CODES[info["dtype"]])
+                    if end - begin != nbytes or self.data_start + end > size:
+                        raise ValueError(f"tensor {name} has {end - begin} bytes for shape {info['shape']}")
+                self.map = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY) if size else None
+        except (OSError, ValueError, KeyError, TypeError, struct.error) as error:
+            raise PaliGemmaError(f"{path} is not a valid safetensors file: {error}") from None
+        self.bytes = torch.frombuffer(self.map, dtype=torch.uint8) if self.map is not None else None
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.entries[name]["shape"])
+
+    def dtype(self, name: str) -> torch.dtype:
+        return DTYPE_CODES[self.entries[name]["dtype"]]
+
+    def nbytes(self, name: str) -> int:
+        begin, end = self.entries[name]["data_offsets"]
+        return end - begin
+
+    def view(self, name: str) -> torch.Tensor | None:
+        """The tensor as a view of the mapped file (no copy), or None where its bytes are not aligned for its dtype."""
+        begin, end = (self.data_start + offset for offset in self.entries[name]["data_offsets"])
+        dtype = self.dtype(name)
+        if begin % _itemsize(dtype):
+            return None
+        return self.bytes[begin:end].view(dtype).view(self.shape(name))
+
+    def read(self, name: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """The tensor converted to `dtype` on `device`, read `CONVERT_CHUNK_BYTES` at a time (plain reads, no map)."""
+        stored = self.dtype(name)
+        item = _itemsize(stored)
+        out = torch.empty(self.shape(name), dtype=dtype, device=device)
+        flat = out.view(-1)
+        begin = self.data_start + self.entries[name]["data_offsets"][0]
+        per_chunk = max(1, CONVERT_CHUNK_BYTES // item)
+        scratch = torch.empty(min(per_chunk, max(1, flat.numel())) * item, dtype=torch.uint8)
+        buffer = memoryview(scratch.numpy())
+        with open(self.path, "rb", buffering=0) as handle:
+            for first in range(0, flat.numel(), per_chunk):
+                count = min(per_chunk, flat.numel() - first)
+                wanted, done = count * item, 0
+                while done < wanted:
+                    got = os.preadv(handle.fileno(), [buffer[done:wanted]], begin + first * item + done)
+                    if got <= 0:
+                        raise PaliGemmaError(f"cannot read tensor {name} from {self.path}: the file ends early")
+                    done += got
+                flat[first:first + count].copy_(scratch[:wanted].view(stored))
+        return out
+
+    def tensor(self, name: str, dtype: torch.dtype | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
+        """Mapped without a copy when it is already what is wanted (on the CPU); else read and converted."""
+        device = torch.device(device)
+        dtype = dtype or self.dtype(name)
+        if dtype == self.dtype(name) and device.type == "cpu":
+            view = self.view(name)
+            if view is not None:
+                return view
+        return self.read(name, dtype, device)
+
+
+def write_safetensors(
+    path: str | Path,
+    tensors: Mapping[str, torch.Tensor],
+    values: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
+    metadata: dict[str, str] | None = None,
+) -> int:
+    """Write `tensors` (name -> tensor, in this order) to `path`; returns the bytes of tensor data.
+
+    Only shapes and dtypes are read from `tensors` until a tensor's bytes are due, so they may be meta tensors
+    whose contents `values(name, tensor)` makes one at a time (then only one tensor is ever in memory).
+    """
+    path = Path(path)
+    header: dict[str, object] = {"__metadata__": metadata or {"format": "pt"}}
+    offset = 0
+    for name, tensor in tensors.items():
+        if tensor.dtype not in CODE_OF_DTYPE:
+            raise PaliGemmaError(f"safetensors cannot store {name} of dtype {tensor.dtype}")
+        nbytes = tensor.numel() * tensor.element_size()
+        header[name] = {"dtype": CODE_OF_DTYPE[tensor.dtype], "shape": list(tensor.shape),
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
+    partial = path.with_name(path.name + ".partial")
+    with open(partial, "wb") as file:
+        file.write(struct.pack("<Q", len(encoded)))
+        file.write(encoded)
+        for name, tensor in tensors.items():
+            data = values(name, tensor) if values is not None else tensor
+            if tuple(data.shape) != tuple(tensor.shape) or data.dtype != tensor.dtype:
+                raise PaliGemmaError(f"tensor {name} changed from {list(tensor.shape)} {tensor.dtype} "
+                                     f"to {list(data.shape)} {data.dtype} while being written")
+            data = data.detach().to("cpu").contiguous()
+            file.write(data.reshape(-1).view(torch.uint8).numpy().data)  # the raw little-endian bytes
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(partial, path)
+    return offset
