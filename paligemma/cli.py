@@ -27,7 +27,6 @@ from .errors import PaliGemmaError
 
 DEFAULT_MODEL_ENV = "PALIGEMMA_MODEL"
 DEFAULT_MODEL = "tiny-shapes"
-DTYPE_CHOICES = ("fp32", "bf16", "fp16")
 Command = Callable[[argparse.Namespace], int]
 
 
@@ -48,6 +47,7 @@ def _device(name: str | None) -> str:
 
 def _add_ask(commands: argparse._SubParsersAction) -> None:
     from .inference.decoders import CACHES
+    from .io.checkpoint import DTYPE_NAMES
 
     ask = commands.add_parser("ask", help="answer a prompt about an image",
                               description="Answer a prompt about an image with PaliGemma.")
@@ -63,7 +63,7 @@ def _add_ask(commands: argparse._SubParsersAction) -> None:
                      help="sample among the most likely tokens up to this probability mass")
     ask.add_argument("--seed", type=int, default=0, help="random seed for sampling")
     ask.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    ask.add_argument("--dtype", default=None, choices=DTYPE_CHOICES,
+    ask.add_argument("--dtype", default=None, choices=DTYPE_NAMES,
                      help="weights dtype (default: bf16 on cuda, fp32 on cpu)")
     ask.add_argument("--cache", default="dynamic", choices=CACHES,
                      help="KV cache: dynamic (default), static, graph (fixed-shape steps, CUDA graphs on a GPU) "

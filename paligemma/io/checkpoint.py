@@ -34,6 +34,7 @@ DTYPES = {
     "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
     "fp16": torch.float16, "float16": torch.float16,
 }
+DTYPE_NAMES = ("fp32", "bf16", "fp16")  # the short names, as the command line offers them
 
 
 def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:

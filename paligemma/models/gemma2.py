@@ -59,7 +59,7 @@ class Gemma2DecoderLayer(GemmaDecoderLayer):
 
 
 class Gemma2LanguageModel(GemmaLanguageModel):
-    """The Gemma 2 stack. Give `forward` a dict of masks, {"full_attention": …, "sliding_attention": …}."""
+    """The Gemma 2 stack. Give `forward` a dict of masks, one per kind of layer: {FULL: …, SLIDING: …}."""
 
     layer_class = Gemma2DecoderLayer
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -29,6 +28,7 @@ from ..io.tokenizer import GemmaTokenizer
 from ..models.config import PaliGemmaConfig
 from ..models.paligemma import PaliGemmaForConditionalGeneration
 from . import shapes
+from .loop import cosine_schedule, optimisation_steps, save_atomically
 from .tokenizer_training import train_tokenizer
 
 HELD_OUT_SEED = 1_000_003  # never used for training data
@@ -150,12 +150,9 @@ def location_code(bins: int, width: int, generator: torch.Generator) -> torch.Te
 
 
 def learning_rate_at(step: int, settings: TrainSettings) -> float:
-    """Linear warm-up to the peak, then cosine decay to the minimum at the last step."""
-    if step < settings.warmup_steps:
-        return settings.learning_rate * (step + 1) / settings.warmup_steps
-    progress = (step - settings.warmup_steps) / max(1, settings.steps - settings.warmup_steps)
-    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return settings.min_learning_rate + (settings.learning_rate - settings.min_learning_rate) * cosine
+    """Linear warm-up to the peak, then cosine decay to the minimum at the last step (`loop.learning_rate_at`)."""
+    return cosine_schedule(step, settings.learning_rate, settings.warmup_steps, settings.steps,
+                           settings.min_learning_rate)
 
 
 def build_optimizer(model: nn.Module, settings: TrainSettings) -> torch.optim.AdamW:
@@ -215,11 +212,10 @@ def pretrain_vision(model: PaliGemmaForConditionalGeneration, settings: TrainSet
     schedule = replace(settings, steps=settings.vision_steps, warmup_steps=min(settings.warmup_steps,
                                                                                 settings.vision_steps // 4))
     rng = random.Random(settings.seed + 1)  # its own scenes: stage 1's stream stays the same
-    history, started = [], time.monotonic()
-    for step in range(settings.vision_steps):
-        lr = learning_rate_at(step, schedule)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+    history = []
+    measured: dict[str, torch.Tensor] = {}
+
+    def compute_loss() -> torch.Tensor:
         scenes = [shapes.make_scene(rng, settings.image_size) for _ in range(settings.vision_batch_size)]
         pixels = torch.stack([preprocess_image(scene.image, settings.image_size) for scene in scenes]).to(device)
         shares, boxes, has_box = (t.to(device) for t in patch_targets(scenes, patch_size))
@@ -228,18 +224,17 @@ def pretrain_vision(model: PaliGemmaForConditionalGeneration, settings: TrainSet
         class_loss = nn.functional.cross_entropy(scores.flatten(0, 1), shares.flatten(0, 1))
         box_error = (predicted_boxes - boxes).abs().sum(dim=-1)  # [b, patches]: L1 over the four edges
         box_loss = (box_error * has_box).sum() / has_box.sum().clamp(min=1)
-        loss = class_loss + box_loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(tower.parameters(), settings.grad_clip)
-        optimizer.step()
         main = shares[..., 1:].amax(dim=-1) >= 0.5  # patches mostly covered by one shape
-        right = (scores.argmax(dim=-1) == shares.argmax(dim=-1))[main].float().mean().item()
-        history.append({"step": step + 1, "loss": round(loss.item(), 5), "lr": lr, "patch_accuracy": round(right, 4),
-                        "box_error": round(box_loss.item() / 4 * settings.image_size, 3)})  # pixels per edge
-        _progress(step + 1, settings.vision_steps, loss.item(), lr, started)
+        measured.update(right=(scores.argmax(dim=-1) == shares.argmax(dim=-1))[main].float().mean(), box=box_loss)
+        return class_loss + box_loss
+
+    for step, loss, lr in optimisation_steps(optimizer, tower.parameters(), lambda s: learning_rate_at(s, schedule),
+                                             compute_loss, settings.vision_steps, settings.grad_clip,
+                                             description="vision stage"):
+        history.append({"step": step, "loss": round(loss.item(), 5), "lr": lr,
+                        "patch_accuracy": round(measured["right"].item(), 4),
+                        "box_error": round(measured["box"].item() / 4 * settings.image_size, 3)})  # px per edge
     if settings.vision_steps:
-        sys.stderr.write("\n")
         last = history[-1]
         log(f"vision stage: {settings.vision_steps} steps, loss {last['loss']:.4f}, "
             f"patch accuracy {last['patch_accuracy']:.3f}, box edges off by {last['box_error']:.1f} px")
@@ -287,15 +282,6 @@ def evaluate(model, processor, examples: list[shapes.Example], batch_size: int =
     return result
 
 
-def _progress(step: int, total: int, loss: float, lr: float, started: float) -> None:
-    elapsed = time.monotonic() - started
-    remaining = elapsed / max(step, 1) * (total - step)
-    bar = "#" * int(24 * step / total)
-    sys.stderr.write(f"\r[{bar:<24}] step {step}/{total} loss {loss:.4f} lr {lr:.2e} "
-                     f"{elapsed / 60:.1f} min elapsed, {remaining / 60:.1f} min left ")
-    sys.stderr.flush()
-
-
 def prepare(out: Path, seed: int, image_size: int = 112) -> tuple[PaliGemmaForConditionalGeneration, PaliGemmaProcessor]:
     """The tokenizer (trained once) and a freshly initialised model for the shapes world."""
     out.mkdir(parents=True, exist_ok=True)
@@ -336,23 +322,17 @@ def train(out: str | Path, settings: TrainSettings, log=print) -> dict:
         vision_history = pretrain_vision(model, settings, log)
     held_out = shapes.make_dataset(HELD_OUT_SEED, settings.eval_examples, settings.image_size)
     started = time.monotonic()
-    first_step = step
     autocast = dict(device_type=torch.device(settings.device).type, dtype=torch.bfloat16,
                     enabled=settings.precision == "bf16")
-    while step < settings.steps:
-        lr = learning_rate_at(step, settings)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+
+    def compute_loss() -> torch.Tensor:
         examples = [shapes.make_example(rng, settings.image_size) for _ in range(settings.batch_size)]
         with torch.autocast(**autocast):
-            loss = model(**training_batch(processor, examples, settings.device), return_logits=False).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
-        optimizer.step()
-        step += 1
+            return model(**training_batch(processor, examples, settings.device), return_logits=False).loss
+
+    for step, loss, lr in optimisation_steps(optimizer, model.parameters(), lambda s: learning_rate_at(s, settings),
+                                             compute_loss, settings.steps, settings.grad_clip, start=step):
         history.append({"step": step, "loss": round(loss.item(), 5), "lr": lr})
-        _progress(step - first_step, settings.steps - first_step, loss.item(), lr, started)
         if step % settings.eval_every == 0 or step == settings.steps:
             evaluation_started = time.monotonic()
             held = held_out_loss(model, processor, held_out, settings.device)
@@ -360,13 +340,12 @@ def train(out: str | Path, settings: TrainSettings, log=print) -> dict:
             started += time.monotonic() - evaluation_started  # report training time without the evaluations
             history[-1].update(held_out_loss=round(held, 5), minutes=round((time.monotonic() - started) / 60, 2),
                                **{k: round(v, 4) for k, v in metrics.items() if not k.endswith("_examples")})
-            sys.stderr.write("\n")
             log(f"step {step}: train loss {loss.item():.4f}, held-out loss {held:.4f}, "
                 + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items() if not k.endswith("_examples")))
         if step % settings.checkpoint_every == 0 or step == settings.steps:
-            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "data_rng": rng.getstate(),
-                        "step": step, "history": history, "vision_history": vision_history,
-                        "settings": asdict(settings)}, state_file)
+            save_atomically({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                             "data_rng": rng.getstate(), "step": step, "history": history,
+                             "vision_history": vision_history, "settings": asdict(settings)}, state_file)
     model.eval()
     model.save_pretrained(out)
     processor.save_pretrained(out)
