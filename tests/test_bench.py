@@ -1,11 +1,15 @@
 """The benchmark (`python -m paligemma.bench`): it runs end to end on the tiny preset in seconds, its JSON has the
 documented fields, both libraries hold the same weights and produce the same greedy tokens inside it, and the work
-it counts for the bounds is the model's."""
+it counts for the bounds is the model's, and its load probe runs on its own."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -73,7 +77,7 @@ def test_both_libraries_produce_the_same_greedy_tokens(tiny_report):
 
 def test_table_names_every_measurement(tiny_report):
     table = bench.format_table(tiny_report)
-    for label in bench._LABELS.values():
+    for label in bench.LABELS.values():
         assert label in table
     assert "greedy tokens, bf16 batch 2: same" in table
     assert "optimisation record" in table and "where the time goes" in table
@@ -127,9 +131,45 @@ def test_work_counted_for_the_bounds_is_the_models():
     assert step["bytes"] == 2 * language  # every decoder weight, the norms and the tied head, once
     linear_vision = sum(m.weight.numel() for m in model.vision_tower.modules() if isinstance(m, torch.nn.Linear))
     patch = model.vision_tower.embeddings.patch_embedding.weight.numel()
-    counted = bench._linear_params(config)
+    counted = bench.linear_params(config)
     assert counted["vision"] == linear_vision + patch
     assert counted["projector"] == model.multi_modal_projector.linear.weight.numel()
     assert counted["decoder"] == sum(
         m.weight.numel() for m in model.language_model.layers.modules() if isinstance(m, torch.nn.Linear))
     assert 2.9e9 < model.num_parameters() < 2.95e9
+
+
+PROBE_FIELDS = {"seconds", "peak_rss", "base_rss", "rss_anon", "rss_file", "weight_bytes", "library"}
+
+
+def test_load_probe_runs_on_its_own(tmp_path):
+    """`python -m paligemma.bench.load_probe ours DIR fp32`, from outside the checkout, prints one line of JSON."""
+    config = PaliGemmaConfig.from_dict(bench.PRESETS["tiny"])
+    written = bench.write_random_checkpoint(config, tmp_path / "tiny", torch.float32)
+    checkout = Path(bench.__file__).resolve().parents[2]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(checkout), os.environ.get("PYTHONPATH")])))
+    command = [sys.executable, "-m", "paligemma.bench.load_probe", "ours", str(tmp_path / "tiny"), "fp32"]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, check=True)
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 1, result.stdout
+    measured = json.loads(lines[0])
+    assert set(measured) == PROBE_FIELDS
+    assert measured["weight_bytes"] == written and measured["seconds"] > 0
+    assert measured["peak_rss"] >= measured["base_rss"] > 0
+    assert Path(measured["library"]).resolve() == checkout / "paligemma" / "__init__.py"
+    wrong = subprocess.run([sys.executable, "-m", "paligemma.bench.load_probe", "ours"], capture_output=True, text=True,
+                           env=env, cwd=tmp_path)
+    assert wrong.returncode == 2 and "usage:" in wrong.stderr
+
+
+def test_load_probe_by_path_for_an_earlier_library(tmp_path):
+    """With a baseline library the probe measures that library's `load_model`, though it has no probe of its own:
+    this checkout's probe file runs by its path while the earlier package comes first for `import paligemma`."""
+    earlier = tmp_path / "earlier" / "paligemma"
+    earlier.mkdir(parents=True)
+    (earlier / "__init__.py").write_text(
+        "import torch\n\n\ndef load_model(directory, dtype):\n    return torch.nn.Linear(4, 3).to(dtype)\n")
+    measured = bench.measure_load("ours", tmp_path, torch.float32, library=str(tmp_path / "earlier"))
+    assert set(measured) == PROBE_FIELDS
+    assert measured["weight_bytes"] == (4 * 3 + 3) * 4  # the earlier library's model, not this one's
+    assert Path(measured["library"]).resolve() == (earlier / "__init__.py").resolve()

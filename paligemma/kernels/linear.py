@@ -163,7 +163,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         return F.linear(x, weight, bias)
     rows = x.reshape(-1, x.shape[-1])
     if path == "widen":
-        return _widened_product(rows, weight, bias).reshape(*x.shape[:-1], weight.shape[0])
+        return widened_product(rows, weight, bias).reshape(*x.shape[:-1], weight.shape[0])
     out = KERNEL.get().few_rows_linear(rows.contiguous(), weight.contiguous(), bias)  # fp32 sums, rounded once
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
@@ -190,7 +190,7 @@ def release_buffers() -> None:
     _BUFFERS.__dict__.clear()
 
 
-def _widened_product(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def widened_product(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """rows [M, K] @ weight [N, K]^T (+ bias) with fp32 arithmetic, widening `SLICE_ELEMENTS` weights at a time.
 
     Each slice of weight rows is widened into a work buffer, multiplied in fp32, the bias added to the fp32 sums,
