@@ -83,8 +83,8 @@ from .report import LABELS, add_row, format_ablation, format_profile, format_tab
 #: The version of the report's layout, written into every report.
 SCHEMA = 1
 
-#: The model sizes the benchmark can run, by name: configurations in transformers' keyword layout. 224-pixel
-#: images and patch 14 give 256 image tokens in each.
+#: The model sizes the benchmark can run, by name, as configurations in transformers' keyword layout.
+#: 224-pixel images and patch 14 give 256 image tokens in each.
 #:
 #: :meta hide-value:
 PRESETS: dict[str, dict[str, Any]] = {

@@ -31,11 +31,11 @@ from ..io.checkpoint import empty_model
 from ..io.layout import TIED_HEAD, to_library_name, write_checkpoint
 from ..models.config import PaliGemmaConfig
 
-#: Text tokens after the image tokens: `<bos>`, a few prompt tokens and "\n".
+#: Text tokens after the image tokens (`<bos>`, a few prompt tokens and "\n").
 PROMPT_TOKENS = 10
 #: The two libraries every measurement compares.
 IMPLEMENTATIONS = ("ours", "transformers")
-#: Variants of this library for the optimisation record, by name: settings of
+#: Variants of this library for the optimisation record, by name, as settings of
 #: `paligemma.kernels.linear.fast_paths`.
 VARIANTS: dict[str, dict[str, bool]] = {
     "ours": {},  # as shipped

@@ -27,7 +27,7 @@ CATEGORIES = {
 }
 #: The kind of every operator no pattern of `CATEGORIES` matches.
 OTHER_OPERATORS = "norms, activations, other operators"
-#: The wall time spent outside any operator: Python and dispatch.
+#: The wall time spent outside any operator (Python and dispatch).
 OUTSIDE = "outside operators (Python, dispatch)"
 
 
