@@ -10,12 +10,17 @@ import torch
 from safetensors.torch import load_file, save_file
 
 
-from conftest import assert_matches, random_image, tiny_config_dict, write_reference_checkpoint
+from helpers import (
+    TOL,
+    assert_matches,
+    random_image,
+    real_paligemma_3b_224,
+    reference_logits,
+    tiny_config_dict,
+    write_reference_checkpoint,
+)
 from paligemma import PaliGemmaConfig, PaliGemmaError, load_model, load_pretrained
 from paligemma.io.layout import to_disk_name, to_library_name
-from test_model import real_paligemma_3b_224, reference_logits
-
-TOL = dict(atol=1e-5, rtol=1e-5)
 
 
 def logits_of(model, processor, seed=0):
@@ -294,6 +299,7 @@ def test_bf16_loading_never_holds_a_float32_copy(tmp_path):
                          num_key_value_heads=1, head_dim=64, vocab_size=16000),
         projection_dim=512, image_token_index=5,
     )
+    torch.manual_seed(0)  # the weights' values do not matter here, only their size; drawn from a seed all the same
     PaliGemmaForConditionalGeneration(config).save_pretrained(tmp_path)
     result = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(tmp_path)], capture_output=True, text=True,
                             check=True)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import random_image
+from helpers import random_image
 from paligemma import generate, load_pretrained
 from paligemma.cli import main
 

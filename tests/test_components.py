@@ -8,14 +8,11 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-
-from conftest import assert_matches
+from helpers import TOL, assert_matches
 from paligemma import load_model
 from paligemma.models.attention import additive_mask
 from paligemma.interpret.capture import record_attention
 from paligemma.models.paligemma import prefix_lm_mask
-
-TOL = dict(atol=1e-5, rtol=1e-5)
 
 
 @pytest.fixture(scope="module", params=["sdpa", "eager"])

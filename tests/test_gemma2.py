@@ -13,14 +13,21 @@ import json
 import pytest
 import torch
 
-from conftest import (
+from helpers import (
+    GEMMA2_SIZES,
+    PROMPTS,
     TOKENIZER_VOCAB,
+    TOL,
+    WINDOW,
     assert_matches,
     cached_and_recomputed_logits,
     fixed_shape_logits,
+    gemma2_config_dict,
     random_image,
-    random_reference_model,
+    real_paligemma2_config,
+    reference_logits,
     reference_processor,
+    strip_after_eos,
     write_reference_checkpoint,
 )
 from paligemma import (
@@ -37,29 +44,7 @@ from paligemma.models.config import Gemma2Config, GemmaConfig
 from paligemma.models.gemma2 import Gemma2LanguageModel
 from paligemma.models.paligemma import prefix_lm_mask
 
-TOL = dict(atol=1e-5, rtol=1e-5)
-WINDOW = 6
 NEW_TOKENS = 24
-PROMPTS = ["caption en", "answer en what color is the big circle on the left?"]
-
-
-def gemma2_config_dict(softcap: bool = True, window: int | None = WINDOW, image_size: int = 56) -> dict:
-    """A tiny PaliGemma 2 in transformers' keyword layout."""
-    return dict(
-        vision_config=dict(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            image_size=image_size, patch_size=14, vision_use_head=False,
-        ),
-        text_config=dict(
-            model_type="gemma2", hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-            num_key_value_heads=2, head_dim=16, vocab_size=TOKENIZER_VOCAB, query_pre_attn_scalar=24,
-            sliding_window=window,
-            attn_logit_softcapping=2.0 if softcap else None, final_logit_softcapping=3.0 if softcap else None,
-        ),
-        image_token_index=TOKENIZER_VOCAB,  # past the table: PaliGemma 2 has exactly the tokenizer's rows
-        projection_dim=64,
-        vocab_size=TOKENIZER_VOCAB,
-    )
 
 
 @pytest.fixture(scope="module")
@@ -67,18 +52,6 @@ def pg2_checkpoint(workdir, tokenizer_file_without_image):
     """(folder, transformers model) of a tiny PaliGemma 2 written by transformers' own save_pretrained."""
     directory = workdir / "paligemma2"
     return directory, write_reference_checkpoint(directory, gemma2_config_dict(), tokenizer_file_without_image, 3)
-
-
-def reference_forward(ref, batch, labels=None):
-    with torch.no_grad():
-        return ref(
-            input_ids=batch["input_ids"], pixel_values=batch["pixel_values"], attention_mask=batch["attention_mask"],
-            token_type_ids=batch["token_type_ids"], position_ids=batch["attention_mask"].cumsum(-1), labels=labels,
-        )
-
-
-def strip_after_eos(rows, eos=1):
-    return [row[: row.index(eos) + 1] if eos in row else row for row in (list(r) for r in rows)]
 
 
 def test_config_from_transformers_file_is_gemma2(pg2_checkpoint):
@@ -105,7 +78,7 @@ def test_logits_padded_batch(pg2_checkpoint, implementation):
     with torch.no_grad():
         ours = model(**batch).logits
     real = batch["attention_mask"].bool()
-    assert_matches(ours[real], reference_forward(ref, batch).logits[real], **TOL)
+    assert_matches(ours[real], reference_logits(ref, batch).logits[real], **TOL)
 
 
 def test_loss_with_long_suffixes(pg2_checkpoint):
@@ -117,7 +90,7 @@ def test_loss_with_long_suffixes(pg2_checkpoint):
     assert int((batch["token_type_ids"] == 1).sum(-1).max()) > WINDOW
     with torch.no_grad():
         ours = model(**batch)
-    expected = reference_forward(ref, batch, labels=batch["labels"])
+    expected = reference_logits(ref, batch, labels=batch["labels"])
     real = batch["attention_mask"].bool()
     assert_matches(ours.logits[real], expected.logits[real], **TOL)
     assert_matches(ours.loss, expected.loss, **TOL)
@@ -223,7 +196,7 @@ def test_fused_attention_without_softcapping(workdir, tokenizer_file_without_ima
     model, processor = load_pretrained(directory)
     batch = processor(text=PROMPTS, images=[random_image(7), random_image(8)])
     real = batch["attention_mask"].bool()
-    expected = reference_forward(ref, batch).logits[real]
+    expected = reference_logits(ref, batch).logits[real]
     for implementation in ("sdpa", "eager"):
         model.set_attention_implementation(implementation)
         with torch.no_grad():
@@ -282,46 +255,13 @@ def test_our_paligemma2_checkpoint_loads_in_transformers(workdir, tokenizer_file
 # ---------------------------------------------------------------------------------------------------------------
 # Full-size PaliGemma 2: 3B (Gemma 2 2B), 10B (Gemma 2 9B), 28B (Gemma 2 27B), at 224, 448 and 896 pixels.
 
-GEMMA2_SIZES = {  # the text configs of transformers' PaliGemma 2 conversion script (VARIANT_CONFIGS)
-    "3b": dict(hidden_size=2304, num_hidden_layers=26, intermediate_size=9216, num_attention_heads=8,
-               num_key_value_heads=4, head_dim=256, query_pre_attn_scalar=256),
-    "10b": dict(hidden_size=3584, num_hidden_layers=42, intermediate_size=14336, num_attention_heads=16,
-                num_key_value_heads=8, head_dim=256, query_pre_attn_scalar=256),
-    "28b": dict(hidden_size=4608, num_hidden_layers=46, intermediate_size=36864, num_attention_heads=32,
-                num_key_value_heads=16, head_dim=128, query_pre_attn_scalar=144),
-}
-# Published parameter counts (keras-hub's PaliGemma 2 presets, which match these configs; 28B at 448 and 896
+# Published parameter counts (keras-hub's PaliGemma 2 presets, which match helpers.GEMMA2_SIZES; 28B at 448 and 896
 # are computed, the presets repeat the 224 count for them).
 PARAMETERS = {
     ("3b", 224): 3_032_094_960, ("3b", 448): 3_032_979_696, ("3b", 896): 3_036_518_640,
     ("10b", 224): 9_662_409_456, ("10b", 448): 9_663_294_192, ("10b", 896): 9_666_833_136,
     ("28b", 224): 27_650_192_112, ("28b", 448): 27_651_076_848, ("28b", 896): 27_654_615_792,
 }
-
-
-def real_paligemma2_config(size: str, resolution: int) -> dict:
-    """A config.json in the layout of the released PaliGemma 2 checkpoints (sparse, older field names)."""
-    text = {
-        "model_type": "gemma2", "vocab_size": 257152, "hidden_activation": "gelu_pytorch_tanh", "hidden_act":
-        "gelu_pytorch_tanh", "torch_dtype": "bfloat16", "num_image_tokens": (resolution // 14) ** 2,
-        "final_logit_softcapping": 30.0, "attn_logit_softcapping": 50.0, "sliding_window": 4096,
-        "sliding_window_size": 4096, "cache_implementation": "hybrid", "eos_token_id": [1, 107],
-        "architectures": ["Gemma2ForCausalLM"], "is_encoder_decoder": False, **GEMMA2_SIZES[size],
-    }
-    return {
-        "architectures": ["PaliGemmaForConditionalGeneration"], "model_type": "paligemma", "_vocab_size": 257152,
-        "bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0, "hidden_size": 2048,
-        "image_token_index": 257152, "num_hidden_layers": text["num_hidden_layers"],
-        "projection_dim": text["hidden_size"], "torch_dtype": "bfloat16", "transformers_version": "4.47.0.dev0",
-        "text_config": text,
-        "vision_config": {
-            "model_type": "siglip_vision_model", "hidden_size": 1152, "intermediate_size": 4304,
-            "num_hidden_layers": 27, "num_attention_heads": 16, "patch_size": 14, "image_size": resolution,
-            "num_image_tokens": (resolution // 14) ** 2, "num_positions": (resolution // 14) ** 2,
-            "projection_dim": text["hidden_size"], "hidden_act": "gelu_pytorch_tanh", "vision_use_head": False,
-            "torch_dtype": "bfloat16",
-        },
-    }
 
 
 def compare_on_meta(values: dict) -> tuple[PaliGemmaForConditionalGeneration, int]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import random_image, reference_processor
+from helpers import random_image, reference_processor, strip_after_eos
 from paligemma import PaliGemmaError, generate, load_pretrained
 from paligemma.inference.sampling import GenerationSettings, choose_next_token, sampling_distribution
 
@@ -23,14 +23,6 @@ def reference_generate(ref, batch, max_new_tokens):
             do_sample=False,
         )
     return out[:, batch["input_ids"].shape[1]:]
-
-
-def strip_after_eos(rows, eos=1):
-    out = []
-    for row in rows:
-        row = list(row)
-        out.append(row[: row.index(eos) + 1] if eos in row else row)
-    return out
 
 
 @pytest.mark.parametrize("name", ["mqa", "gqa"])

@@ -7,13 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import assert_matches, cached_and_recomputed_logits, fixed_shape_logits, random_image
+from helpers import PROMPTS, assert_matches, cached_and_recomputed_logits, fixed_shape_logits, random_image
 from paligemma import DynamicCache, PaliGemmaError, load_pretrained
 from paligemma.inference.generation import generate_ids
 from paligemma.inference.sampling import GenerationSettings
 from paligemma.inference.fixed_shape import FixedShapeDecoder
 
-PROMPTS = ["caption en", "answer en what color is the big circle on the left?"]
 SUFFIXES = ["red circle and blue square", "two small cats and a big dog"]
 
 

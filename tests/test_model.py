@@ -5,27 +5,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-
-from conftest import assert_matches, cached_and_recomputed_logits, random_image
+from helpers import (
+    PROMPTS,
+    TEXT_VOCAB,
+    TOL,
+    assert_matches,
+    cached_and_recomputed_logits,
+    random_image,
+    real_paligemma_3b_224,
+    reference_logits,
+)
 from paligemma import DynamicCache, PaliGemmaConfig, PaliGemmaForConditionalGeneration, StaticCache, load_pretrained
 from paligemma.io.layout import to_library_name
-
-TOL = dict(atol=1e-5, rtol=1e-5)
-PROMPTS = ["caption en", "answer en what color is the big circle on the left?"]
-
-
-def reference_logits(ref, batch, labels=None):
-    """transformers' forward on our batch, with our position ids (first real token at 1) and token types."""
-    with torch.no_grad():
-        out = ref(
-            input_ids=batch["input_ids"],
-            pixel_values=batch["pixel_values"],
-            attention_mask=batch["attention_mask"],
-            token_type_ids=batch["token_type_ids"],
-            position_ids=batch["attention_mask"].cumsum(-1),
-            labels=labels,
-        )
-    return out
 
 
 @pytest.fixture(scope="module", params=["mqa", "gqa"])
@@ -93,61 +84,17 @@ def test_kv_cache_decoding_equals_recomputation(mqa_checkpoint, cache_kind):
 
 def test_image_token_outside_embedding_table_is_embedded_as_pad(mqa_checkpoint):
     """PaliGemma 2 puts <image> past the table; the reference embeds pad there before overwriting it."""
-    from conftest import TEXT_VOCAB
-
     directory, _ = mqa_checkpoint
     model, _ = load_pretrained(directory)
     model.config.image_token_index = TEXT_VOCAB + 10
     try:
         ids = torch.tensor([[TEXT_VOCAB + 10] * 16 + [2, 5, 6]])
-        features = torch.randn(1, 16, 64)
+        features = torch.randn(1, 16, 64, generator=torch.Generator().manual_seed(0))
         embeds = model.embed_inputs(ids, features)
         assert_matches(embeds[0, :16], features[0], atol=0, rtol=0)
         assert_matches(embeds[0, 16:], model.language_model.embed(ids[:, 16:])[0], atol=0, rtol=0)
     finally:
         model.config.image_token_index = 5
-
-
-def real_paligemma_3b_224() -> dict:
-    """The sparse config.json of google/paligemma-3b-pt-224, as published (older field names included)."""
-    return {
-        "_name_or_path": "final_hf_model",
-        "architectures": ["PaliGemmaForConditionalGeneration"],
-        "bos_token_id": 2,
-        "eos_token_id": 1,
-        "hidden_size": 2048,
-        "ignore_index": -100,
-        "image_token_index": 257152,
-        "model_type": "paligemma",
-        "pad_token_id": 0,
-        "projection_dim": 2048,
-        "text_config": {
-            "hidden_activation": "gelu_pytorch_tanh",
-            "hidden_size": 2048,
-            "intermediate_size": 16384,
-            "model_type": "gemma",
-            "num_attention_heads": 8,
-            "num_hidden_layers": 18,
-            "num_image_tokens": 256,
-            "num_key_value_heads": 1,
-            "torch_dtype": "float32",
-            "vocab_size": 257216,
-        },
-        "torch_dtype": "float32",
-        "transformers_version": "4.41.0.dev0",
-        "vision_config": {
-            "hidden_size": 1152,
-            "intermediate_size": 4304,
-            "model_type": "siglip_vision_model",
-            "num_attention_heads": 16,
-            "num_hidden_layers": 27,
-            "num_image_tokens": 256,
-            "patch_size": 14,
-            "projection_dim": 2048,
-            "projector_hidden_act": "gelu_fast",
-            "vision_use_head": False,
-        },
-    }
 
 
 def test_full_size_architecture_matches_reference():

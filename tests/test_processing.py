@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import random_image, reference_processor
+from helpers import random_image, reference_processor
 from paligemma import GemmaTokenizer, PaliGemmaError, PaliGemmaProcessor
 from paligemma.io.images import preprocess_image, to_rgb
 

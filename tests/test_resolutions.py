@@ -12,17 +12,19 @@ import shutil
 import pytest
 import torch
 
-from conftest import (
+from helpers import (
     TEXT_VOCAB,
     TOKENIZER_VOCAB,
+    TOL,
     assert_matches,
+    gemma2_config_dict,
     random_image,
+    real_paligemma2_config,
     reference_processor,
     tiny_config_dict,
     write_reference_checkpoint,
 )
 from paligemma import PaliGemmaError, PaliGemmaProcessor, load_pretrained
-from test_gemma2 import gemma2_config_dict, real_paligemma2_config
 
 
 @pytest.mark.parametrize("resolution", [224, 448, 896])
@@ -71,7 +73,7 @@ def test_logits_at_several_resolutions(workdir, tokenizer_file, tokenizer_file_w
         ours = model(**batch).logits
         theirs = ref(**batch, position_ids=batch["attention_mask"].cumsum(-1)).logits
     real = batch["attention_mask"].bool()
-    assert_matches(ours[real], theirs[real], atol=1e-5, rtol=1e-5)
+    assert_matches(ours[real], theirs[real], **TOL)
     assert ours.shape[-1] == (TEXT_VOCAB if decoder == "gemma" else TOKENIZER_VOCAB)
 
 

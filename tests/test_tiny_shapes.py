@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers import strip_after_eos
 from paligemma import generate, load_pretrained
 from paligemma.training import shapes
 from paligemma.io.checkpoint import resolve_checkpoint
@@ -218,8 +219,7 @@ def test_transformers_generates_the_same_answers_from_the_shipped_folder():
     batch = processor(text=prompts, images=images)
     with torch.no_grad():
         generated = reference.generate(**batch, max_new_tokens=24, do_sample=False)[:, batch["input_ids"].shape[1]:]
-    eos = model.config.text_config.eos_token_id
-    expected = [row[: row.index(eos) + 1] if eos in row else row for row in generated.tolist()]
+    expected = strip_after_eos(generated.tolist(), model.config.text_config.eos_token_id)
     assert generate(model, processor, images, prompts, max_new_tokens=24, return_ids=True).token_ids == expected
 
 

@@ -289,8 +289,6 @@ def run(preset: str = "3b-224", dtypes: tuple[str, ...] = ("bf16", "fp32"), batc
     return report
 
 
-_never_stop = never_stop  # the name before the split; tests/test_fast_paths.py still calls it by this name
-
 __all__ = [
     "CATEGORIES", "GB", "GPU_VARIANTS", "IMPLEMENTATIONS", "LABELS", "OTHER_OPERATORS", "OUTSIDE", "PLAIN_STEPS",
     "PRESETS", "PROMPT_TOKENS", "SCHEMA", "VARIANTS", "StepClock", "add_row", "best_time", "decode_rate_bound",

@@ -194,23 +194,28 @@ class PaliGemmaForConditionalGeneration(nn.Module):
         hidden = self.language_model(embeds, position_ids, mask, kv_cache, cache_position)
         if logits_to_keep > 0:
             hidden = hidden[:, -logits_to_keep:]
-
-        logits, loss = None, None
-        if labels is not None:
-            # Position t predicts token t + 1: drop the last prediction and the first label.
-            targets = labels[:, 1:].to(hidden.device)
-            if return_logits:
-                logits = self.language_model.logits(hidden)
-                predictions = logits[:, :-1]
-            else:  # only the positions that predict a label: the vocabulary projection dominates otherwise
-                wanted = targets != -100
-                predictions, targets = self.language_model.logits(hidden[:, :-1][wanted]), targets[wanted]
-            loss = F.cross_entropy(
-                predictions.float().reshape(-1, predictions.shape[-1]), targets.reshape(-1), ignore_index=-100
-            )
-        elif return_logits:
-            logits = self.language_model.logits(hidden)
+        logits, loss = self._logits_and_loss(hidden, labels, return_logits)
         return PaliGemmaOutput(logits=logits, loss=loss, kv_cache=kv_cache, image_features=image_features)
+
+    def _logits_and_loss(
+        self, hidden: torch.Tensor, labels: torch.Tensor | None, return_logits: bool
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """hidden [b, s, d] -> logits [b, s, vocab] (None when not return_logits) and, with labels [b, s], the loss."""
+        if labels is None:
+            return (self.language_model.logits(hidden) if return_logits else None), None
+        # Position t predicts token t + 1: drop the last prediction and the first label.
+        targets = labels[:, 1:].to(hidden.device)
+        logits = None
+        if return_logits:
+            logits = self.language_model.logits(hidden)
+            predictions = logits[:, :-1]
+        else:  # only the positions that predict a label: the vocabulary projection dominates otherwise
+            wanted = targets != -100
+            predictions, targets = self.language_model.logits(hidden[:, :-1][wanted]), targets[wanted]
+        loss = F.cross_entropy(
+            predictions.float().reshape(-1, predictions.shape[-1]), targets.reshape(-1), ignore_index=-100
+        )
+        return logits, loss
 
     def attention_masks(
         self, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None, past_length: int, dtype: torch.dtype
