@@ -151,11 +151,15 @@ def _load_weights(
     order = sorted(wanted, key=lambda name: -wanted[name][0].nbytes(wanted[name][1]))
     total = sum(file.nbytes(disk_name) for file, disk_name in wanted.values())
     state: dict[str, torch.Tensor] = {}
-    with ThreadPoolExecutor(max_workers=READ_THREADS) as pool, \
-            tqdm(total=total, unit="B", unit_scale=True, desc="loading weights", disable=not progress) as bar:
+    # No bar at all unless asked for: tqdm's first bar, even a disabled one, builds a process lock (3 ms).
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc="loading weights") if progress else None
+    with ThreadPoolExecutor(max_workers=READ_THREADS) as pool:
         for name, tensor in zip(order, pool.map(read, order)):
             state[name] = tensor
-            bar.update(wanted[name][0].nbytes(wanted[name][1]))
+            if bar is not None:
+                bar.update(wanted[name][0].nbytes(wanted[name][1]))
+    if bar is not None:
+        bar.close()
     state = {name: state[name] for name in wanted}  # the file's order
     dtypes = {t.dtype for t in state.values()}
     if len(dtypes) > 1:  # a file of mixed precision loaded with dtype='auto': settle on the widest

@@ -1,8 +1,8 @@
 """Fast CPU products, applied to a model from outside.
 
-The model's files use plain `nn.Linear`. `accelerate(model)` swaps each of them (the tied output head included) for
-a `FastLinear` holding the very same Parameters, so the state dict, its names and any tied weights are unchanged and
-only the product differs: a streaming C++ kernel for the few rows of decoding, bf16 weights widened to fp32 for the
+The model's files use plain `nn.Linear`. `accelerate(model)` turns each of them (the tied output head included) into
+a `FastLinear`, in place, with the very same Parameters, so the state dict, its names and any tied weights are
+unchanged and only the product differs: a streaming C++ kernel for the few rows of decoding, bf16 weights widened to fp32 for the
 many rows of prefill (see `linear`). `load_pretrained` and `load_model` do this by default on a CPU.
 
     model = accelerate(PaliGemmaForConditionalGeneration(config))
@@ -17,11 +17,15 @@ from .linear import FastLinear, FastPaths, fast_paths, kernel_status, path_for, 
 
 
 def accelerate(model: nn.Module) -> nn.Module:
-    """Replace every `nn.Linear` of `model` by a `FastLinear` sharing its Parameters, in place; returns the model."""
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is nn.Linear:
-                setattr(parent, name, FastLinear.from_linear(child))
+    """Make every `nn.Linear` of `model` a `FastLinear`, in place; returns the model.
+
+    Each layer keeps its identity, its Parameters (tied weights stay tied) and its hooks: only its class changes, to
+    the subclass whose `forward` calls `linear`. That costs a microsecond a layer, where building new modules cost
+    about 16 (5 ms over the 3B model's 290 layers, a fortieth of its loading time).
+    """
+    for module in model.modules():
+        if type(module) is nn.Linear:
+            module.__class__ = FastLinear
     return model
 
 

@@ -215,14 +215,5 @@ def widened_product(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
 class FastLinear(nn.Linear):
     """`nn.Linear` whose product goes through `linear`: the same parameters and state-dict names, faster on a CPU."""
 
-    @classmethod
-    def from_linear(cls, module: nn.Linear) -> "FastLinear":
-        """A FastLinear holding `module`'s own Parameters (shared, not copied: tied weights stay tied)."""
-        with torch.device("meta"):
-            fast = cls(module.in_features, module.out_features, bias=module.bias is not None)
-        fast.weight = module.weight
-        fast.bias = module.bias
-        return fast
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)
