@@ -6,7 +6,6 @@ import copy
 
 import pytest
 import torch
-from torch.testing import assert_close
 
 from helpers import TOL, assert_matches
 from paligemma import load_model
