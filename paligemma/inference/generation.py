@@ -69,7 +69,7 @@ def generate_ids(
 def generate(
     model: PaliGemmaForConditionalGeneration,
     processor: PaliGemmaProcessor,
-    images: ImageInput | Sequence[ImageInput],
+    images: ImageInput | Sequence[ImageInput] | Sequence[Sequence[ImageInput]],
     prompts: str | Sequence[str],
     max_new_tokens: int = 32,
     do_sample: bool = False,
@@ -81,7 +81,8 @@ def generate(
     cache: str | KVCache = "dynamic",
     strict: bool = False,
 ) -> list[str] | GenerationOutput:
-    """Answer each prompt about its image. Returns the decoded answers (or, with return_ids, ids as well).
+    """Answer each prompt about its image, or its images (`images=[[a, b], [c]]`: several per prompt, in order).
+    Returns the decoded answers (or, with return_ids, ids as well).
 
     The decoding settings are those of `GenerationSettings`. A token id with no piece in the tokenizer (PaliGemma 1's
     embedding table is 64 rows larger than its tokenizer) decodes to nothing, as in transformers; `strict` raises.

@@ -203,7 +203,7 @@ def attention_maps(
     if not isinstance(prompt, str):
         raise PaliGemmaError(f"prompt must be a string, got {type(prompt).__name__}")
     if isinstance(image, (list, tuple)):
-        raise PaliGemmaError("attention_maps takes one image and one prompt")
+        raise PaliGemmaError("attention_maps takes one image and one prompt (not a list, nor several images)")
     batch = processor(text=prompt, images=image)
     input_ids = batch["input_ids"][0]
     length = len(input_ids)
@@ -230,6 +230,6 @@ def attention_maps(
         prompt_rows=prompt_rows.float().cpu(),
         image_positions=image_positions,
         prompt_positions=prompt_positions,
-        image=_image_as_seen(batch["pixel_values"][0]),
+        image=_image_as_seen(batch["pixel_values"][0]),  # [images, 3, S, S]: the first image, here the only one
         text=processor.decode(tokens),
     )

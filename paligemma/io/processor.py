@@ -1,6 +1,8 @@
 """The processor: images and prompts in, a batch of tensors out (and generated ids back to text).
 
-Text: `<image>` * num_image_tokens + `<bos>` + prompt + `\\n` (the prefix), then for training suffix + `<eos>`.
+Text: `<image>` * num_image_tokens for each of the prompt's images + `<bos>` + prompt + `\\n` (the prefix), then for
+training suffix + `<eos>`. A prompt may come with several images (`images=[[im1, im2], [im3]]`, as in transformers):
+their tokens follow one another in order, and pixel_values holds every image, row by row.
 Batches are padded on the left, so every sequence ends where generation begins.
 """
 
@@ -18,6 +20,20 @@ from .config_file import read_config
 from .images import ImageInput, preprocess_image
 from .layout import CONFIG_FILE, TOKENIZER_FILE
 from .tokenizer import IMAGE_TOKEN, GemmaTokenizer
+
+
+def images_per_prompt(images: Any, num_prompts: int) -> list[list[ImageInput]]:
+    """The images of each prompt: one image, a list of one image per prompt, or a list of lists (several each)."""
+    if not isinstance(images, (list, tuple)):
+        images = [images]
+    rows = [list(item) if isinstance(item, (list, tuple)) else [item] for item in images]
+    if len(rows) != num_prompts:
+        raise PaliGemmaError(f"got {len(rows)} images for {num_prompts} prompts; give one image, or one list of "
+                             "images, per prompt")
+    for i, row in enumerate(rows):
+        if not row:
+            raise PaliGemmaError(f"prompt {i} has an empty list of images; give it at least one image")
+    return rows
 
 
 class PaliGemmaProcessor:
@@ -56,33 +72,37 @@ class PaliGemmaProcessor:
         if self.tokenizer.model_file.resolve() != target.resolve():
             shutil.copyfile(self.tokenizer.model_file, target)
 
-    def prefix_ids(self, prompt: str) -> list[int]:
-        """`<image>` * N + `<bos>` + prompt + `\\n`, as ids."""
-        if prompt.startswith(IMAGE_TOKEN):  # accept the transformers habit of writing one <image> in front
-            prompt = prompt[len(IMAGE_TOKEN):]
-        if IMAGE_TOKEN in prompt:
-            raise PaliGemmaError("a prompt may hold at most one <image> marker, at its start")
+    def prefix_ids(self, prompt: str, num_images: int = 1) -> list[int]:
+        """`<image>` * (N * num_images) + `<bos>` + prompt + `\\n`, as ids: N image tokens for each image, in order."""
+        if num_images < 1:
+            raise PaliGemmaError(f"a prompt needs at least one image, got {num_images}")
+        markers = 0
+        while prompt.startswith(IMAGE_TOKEN):  # accept transformers' habit: one <image> in front per image
+            prompt, markers = prompt[len(IMAGE_TOKEN):], markers + 1
+        if IMAGE_TOKEN in prompt or markers not in (0, num_images):
+            raise PaliGemmaError(f"a prompt with {num_images} image(s) may hold <image> markers only at its start, "
+                                 f"one per image or none; found {markers + prompt.count(IMAGE_TOKEN)}")
         tokenizer = self.tokenizer
-        return [tokenizer.image_token_id] * self.num_image_tokens + [tokenizer.bos_id] + tokenizer.encode(prompt + "\n")
+        image_ids = [tokenizer.image_token_id] * (self.num_image_tokens * num_images)
+        return image_ids + [tokenizer.bos_id] + tokenizer.encode(prompt + "\n")
 
     def __call__(
         self,
         text: str | Sequence[str],
-        images: ImageInput | Sequence[ImageInput],
+        images: ImageInput | Sequence[ImageInput] | Sequence[Sequence[ImageInput]],
         suffix: str | Sequence[str] | None = None,
     ) -> dict[str, torch.Tensor]:
         """A batch: input_ids, attention_mask, token_type_ids, pixel_values, and labels when suffixes are given.
 
-        token_type_ids are 0 on the prefix (and padding), 1 on the suffix; labels copy the suffix ids
-        (its `<eos>` included) and are -100 elsewhere, so the loss only teaches the answer.
+        `images` gives each prompt one image, or a list of images (`[[im1, im2], [im3]]`); pixel_values
+        [all images, 3, H, W] holds them in order, row by row. token_type_ids are 0 on the prefix (and padding),
+        1 on the suffix; labels copy the suffix ids (its `<eos>` included) and are -100 elsewhere.
         """
         prompts = [text] if isinstance(text, str) else list(text)
-        image_list = list(images) if isinstance(images, (list, tuple)) else [images]
         suffixes = None if suffix is None else ([suffix] if isinstance(suffix, str) else list(suffix))
         if not prompts:
             raise PaliGemmaError("no prompts given")
-        if len(image_list) != len(prompts):
-            raise PaliGemmaError(f"got {len(image_list)} images for {len(prompts)} prompts; give one image per prompt")
+        image_rows = images_per_prompt(images, len(prompts))  # pixel_values: [all images, 3, H, W], row by row
         if suffixes is not None and len(suffixes) != len(prompts):
             raise PaliGemmaError(f"got {len(suffixes)} suffixes for {len(prompts)} prompts")
         for item in prompts + (suffixes or []):
@@ -91,7 +111,7 @@ class PaliGemmaProcessor:
 
         sequences, types = [], []
         for i, prompt in enumerate(prompts):
-            ids = self.prefix_ids(prompt)
+            ids = self.prefix_ids(prompt, len(image_rows[i]))
             kinds = [0] * len(ids)
             if suffixes is not None:
                 answer = self.tokenizer.encode(suffixes[i]) + [self.tokenizer.eos_id]
@@ -118,7 +138,7 @@ class PaliGemmaProcessor:
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "token_type_ids": token_type_ids,
-            "pixel_values": torch.stack([preprocess_image(image, self.image_size) for image in image_list]),
+            "pixel_values": torch.stack([preprocess_image(im, self.image_size) for row in image_rows for im in row]),
         }
         if suffixes is not None:
             out["labels"] = input_ids.masked_fill(token_type_ids == 0, -100)

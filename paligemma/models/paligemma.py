@@ -113,7 +113,9 @@ class PaliGemmaForConditionalGeneration(nn.Module):
                 module.implementation = implementation
 
     def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """pixels [b, 3, H, W] -> image tokens in Gemma's space [b, num_patches, text hidden]."""
+        """pixels [images, 3, H, W] -> image tokens in Gemma's space [images, num_patches, text hidden].
+
+        `images` counts every image of the batch (several per prompt are allowed), not the prompts."""
         expected = (self.config.vision_config.num_channels, self.config.vision_config.image_size)
         if pixel_values.dim() != 4 or pixel_values.shape[1] != expected[0] or pixel_values.shape[2:] != (expected[1],) * 2:
             raise PaliGemmaError(
@@ -123,7 +125,10 @@ class PaliGemmaForConditionalGeneration(nn.Module):
         return self.multi_modal_projector(self.vision_tower(pixel_values.to(self.dtype)))
 
     def embed_inputs(self, input_ids: torch.Tensor, image_features: torch.Tensor | None) -> torch.Tensor:
-        """Token embeddings with the image features written, unscaled and in order, over the `<image>` positions."""
+        """Token embeddings with the image features written, unscaled and in order, over the `<image>` positions.
+
+        image_features [images, patches, d] fill the `<image>` positions row by row (as transformers' masked_scatter),
+        so each sequence holds whole images (a multiple of `patches` tokens) and the batch holds all of them."""
         image_positions = input_ids == self.config.image_token_index  # [b, s]
         token_ids = input_ids
         if not self.config.image_token_in_vocab:  # PaliGemma 2: the id has no row; embed id 0, overwritten below
@@ -133,13 +138,15 @@ class PaliGemmaForConditionalGeneration(nn.Module):
             if image_positions.any():
                 raise PaliGemmaError("input_ids contain <image> tokens but no pixel_values were given")
             return embeds
+        images, patches = image_features.shape[:2]
         per_row = image_positions.sum(-1)  # [b]
-        if not bool((per_row == image_features.shape[1]).all()):
+        if bool((per_row % patches != 0).any()) or int(per_row.sum()) != images * patches:
             raise PaliGemmaError(
-                f"each sequence needs {image_features.shape[1]} <image> tokens, one per patch; "
-                f"found {per_row.tolist()}"
+                f"each sequence needs {patches} <image> tokens (one per patch) for each of its images, "
+                f"{images * patches} in all for {images} images; found {per_row.tolist()}"
             )
         embeds = embeds.clone()
+        # [images, patches, d] -> [images * patches, d]: image after image, in the order of the positions
         embeds[image_positions] = image_features.reshape(-1, image_features.shape[-1]).to(embeds.dtype)
         return embeds
 
