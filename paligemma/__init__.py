@@ -6,7 +6,8 @@
 
 The package has one folder per part of the book: `models` (the model itself), `inference` (caches, decoders,
 generation), `io` (images, tokenizer, processor, checkpoints), `tasks` (boxes and masks), `interpret` (attention
-maps), `training` (the shapes world and pretraining), `kernels` (fast CPU products) and `bench` (the benchmark).
+maps), `training` (the shapes world, pretraining, LoRA), `kernels` (fast CPU products) and `bench` (the
+benchmark).
 """
 
 from .errors import PaliGemmaError
@@ -19,6 +20,7 @@ from .inference import (
     generate,
     generate_ids,
 )
+from .io.adapter import load_adapter, save_adapter
 from .io.checkpoint import load_model, load_pretrained, save_pretrained
 from .io.images import preprocess_image
 from .io.processor import PaliGemmaProcessor
@@ -32,6 +34,7 @@ from .models import (
     PaliGemmaOutput,
     SiglipVisionConfig,
 )
+from .training.lora import LoraSettings, apply_lora, lora_parameters, merge_lora
 
 __version__ = "0.2.0"
 
@@ -43,6 +46,7 @@ __all__ = [
     "GenerationOutput",
     "GenerationSettings",
     "KVCache",
+    "LoraSettings",
     "PaliGemmaConfig",
     "PaliGemmaError",
     "PaliGemmaForConditionalGeneration",
@@ -51,10 +55,15 @@ __all__ = [
     "SiglipVisionConfig",
     "StaticCache",
     "accelerate",
+    "apply_lora",
     "generate",
     "generate_ids",
+    "load_adapter",
     "load_model",
     "load_pretrained",
+    "lora_parameters",
+    "merge_lora",
     "preprocess_image",
+    "save_adapter",
     "save_pretrained",
 ]

@@ -1,4 +1,5 @@
-"""Loading and saving whole checkpoints: `load_pretrained`, `load_model`, `save_pretrained`.
+"""Loading and saving whole checkpoints: `load_pretrained` (a LoRA adapter too, if asked), `load_model`,
+`save_pretrained`.
 
 How weights are read decides how fast loading is and how much memory it takes. Tensors already in the wanted dtype
 are views of the file mapped into memory (no copy: pages come in from the page cache when first used, and the model
@@ -22,6 +23,8 @@ from ..errors import PaliGemmaError
 from ..kernels import accelerate as accelerate_model
 from ..models.config import PaliGemmaConfig
 from ..models.paligemma import PaliGemmaForConditionalGeneration
+from ..training.lora import merge_lora
+from .adapter import load_adapter
 from .config_file import read_config
 from .layout import CONFIG_FILE, TIED_HEAD, to_disk_name, to_library_name, weight_files
 from .processor import PaliGemmaProcessor
@@ -203,12 +206,24 @@ def load_pretrained(
     dtype: torch.dtype | str | None = torch.float32,
     progress: bool = False,
     accelerate: bool | None = None,
+    adapter: str | Path | None = None,
+    merge: bool = False,
 ) -> tuple[PaliGemmaForConditionalGeneration, PaliGemmaProcessor]:
-    """The model and its processor from a checkpoint folder (or the name of a model shipped with the package)."""
+    """The model and its processor from a checkpoint folder (or the name of a model shipped with the package).
+
+    `adapter`: a LoRA folder in peft's format (`load_adapter`), added frozen and unmerged; `merge` folds it in.
+    """
+    if merge and adapter is None:
+        raise PaliGemmaError("merge=True needs an adapter folder to merge")
     directory = resolve_checkpoint(name_or_path)
     config = read_config(directory / CONFIG_FILE)
     processor = PaliGemmaProcessor.from_pretrained(directory, config)  # fail fast on a missing tokenizer
-    return _accelerated(_load_weights(directory, config, device, dtype, progress), accelerate), processor
+    model = _accelerated(_load_weights(directory, config, device, dtype, progress), accelerate)
+    if adapter is not None:
+        load_adapter(model, adapter)
+        if merge:
+            merge_lora(model)
+    return model, processor
 
 
 def save_pretrained(
