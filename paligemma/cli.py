@@ -2,8 +2,10 @@
 
     paligemma ask --image images/shapes_1.png --prompt "caption en"       # the shipped tiny-shapes model
     paligemma ask --image cat.jpg --prompt "caption en" --model path/to/checkpoint
+    paligemma ask --image a.jpg --image b.jpg --prompt "answer en what changed?" --model path/to/checkpoint
     paligemma train --out runs/tiny-shapes                                # pretrain tiny-shapes
     paligemma evaluate paligemma/checkpoints/tiny-shapes --examples 500   # score on held-out scenes
+    paligemma finetune --model tiny-shapes --train data/train.jsonl --eval data/val.jsonl --method lora --out runs/x
     paligemma bench --preset small                                        # this library against transformers
     paligemma attention score --scenes 200                                # does the answer look at the shape?
     paligemma attention plot --image images/shapes_1.png --prompt "caption en" --out maps.png
@@ -51,7 +53,8 @@ def _add_ask(commands: argparse._SubParsersAction) -> None:
 
     ask = commands.add_parser("ask", help="answer a prompt about an image",
                               description="Answer a prompt about an image with PaliGemma.")
-    ask.add_argument("--image", required=True, help="image file (any format PIL reads)")
+    ask.add_argument("--image", required=True, action="append",
+                     help="image file (any format PIL reads); repeat it for several images in one prompt, in order")
     ask.add_argument("--prompt", required=True,
                      help='task prompt, e.g. "caption en", "answer en what is this?", "detect cat"')
     _model_argument(ask)
@@ -79,11 +82,11 @@ def _ask(args: argparse.Namespace) -> int:
 
     settings = GenerationSettings(args.max_new_tokens, args.sample, args.temperature, args.top_k, args.top_p,
                                   args.seed)  # refuse bad settings before loading anything
-    image = load_image(args.image)
+    images = [load_image(path) for path in args.image]  # one or more, all for the one prompt
     device = _device(args.device)
     dtype = args.dtype or ("bf16" if device.startswith("cuda") else "fp32")
     model, processor = load_pretrained(args.model, device=device, dtype=dtype, progress=sys.stderr.isatty())
-    answer = generate(model, processor, images=[image], prompts=[args.prompt], cache=args.cache,
+    answer = generate(model, processor, images=[images], prompts=[args.prompt], cache=args.cache,
                       **dataclasses.asdict(settings))[0]
     print(answer)
     return 0
@@ -138,6 +141,69 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.examples < 1:
         raise PaliGemmaError(f"--examples must be at least 1, got {args.examples}")
     print(json.dumps(evaluate_checkpoint(args.model, args.examples, device=args.device), indent=2))
+    return 0
+
+
+# --- finetune ------------------------------------------------------------------------------------------------------
+
+FINETUNE_HELP = {
+    "method": "what trains: full, freeze-vision (tower and projector frozen), attention (the decoder's q, k, v, o) "
+              "or lora (low-rank adapters, the rest frozen)",
+    "batch_size": "examples per optimiser step",
+    "grad_accumulation": "split each step's batch into this many micro-batches (less memory, same result)",
+    "warmup_fraction": "share of the steps spent warming the learning rate up linearly; a cosine decay follows",
+    "optimizer": "adamw or sgd",
+    "lora_targets": "comma-separated projections of the decoder to adapt",
+    "precision": "fp32, or bf16: products under bf16 autocast, frozen weights kept in bf16",
+    "activation_checkpointing": "recompute activations layer by layer in the backward pass (less memory)",
+    "from_scratch": "start from random weights instead of the checkpoint's (a baseline)",
+    "eval_examples": "held-out examples to score (0: all)",
+}
+
+
+def _add_finetune(commands: argparse._SubParsersAction) -> None:
+    from .training.finetune import OPTIMIZERS, PRECISIONS, FinetuneSettings
+    from .training.methods import METHODS
+
+    finetune = commands.add_parser(
+        "finetune", help="fine-tune a checkpoint on a JSONL file of images, prompts and answers",
+        description="Fine-tune PaliGemma on your data: a JSONL file, one example a line, "
+        '{"image": PATH or "images": [PATHS], "prefix": PROMPT, "suffix": ANSWER}, paths relative to the file. '
+        "Writes OUT/model (merged, Hugging Face layout), OUT/adapter (LoRA, PEFT layout) and OUT/record.json.")
+    _model_argument(finetune)
+    finetune.add_argument("--train", required=True, help="JSONL file of training examples")
+    finetune.add_argument("--eval", default=None, help="JSONL file of held-out examples, scored every --eval-every")
+    finetune.add_argument("--out", required=True, help="folder for the model, the adapter, the record and the "
+                          "checkpoint to resume from")
+    finetune.add_argument("--resume", action="store_true", help="continue the run in OUT from its last checkpoint")
+    choices = {"method": METHODS, "optimizer": OPTIMIZERS, "precision": PRECISIONS}
+    for field in dataclasses.fields(FinetuneSettings):
+        flag, default = f"--{field.name.replace('_', '-')}", field.default
+        help_text = f"{FINETUNE_HELP.get(field.name, '')} (default {default})".strip()
+        if isinstance(default, bool):
+            finetune.add_argument(flag, action="store_true", help=help_text)
+        elif isinstance(default, tuple):
+            finetune.add_argument(flag, type=lambda text: tuple(t.strip() for t in text.split(",") if t.strip()),
+                                  default=default, help=f"{help_text[:-1]}: {','.join(default)})")
+        else:
+            finetune.add_argument(flag, type=type(default), default=default, choices=choices.get(field.name),
+                                  help=help_text)
+    finetune.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    finetune.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    finetune.set_defaults(run=_finetune)
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    from .training.finetune import FinetuneSettings, finetune
+
+    _set_threads(args.threads)
+    settings = FinetuneSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(FinetuneSettings)})
+    record = finetune(args.model, args.train, args.out, settings, eval_file=args.eval, device=_device(args.device),
+                      resume=args.resume)
+    last = record["evaluations"][-1] if record["evaluations"] else None
+    summary = f", held-out score {last['score']:.3f}" if last else ""
+    print(f"fine-tuned {record['trainable_parameters']:,} of {record['parameters']:,} parameters for "
+          f"{record['settings']['steps']} steps{summary}; written to {args.out}")
     return 0
 
 
@@ -249,14 +315,14 @@ def _attention(args: argparse.Namespace) -> int:
 
 # --- the program ---------------------------------------------------------------------------------------------------
 
-SUBCOMMANDS = ("ask", "train", "evaluate", "bench", "attention")
+SUBCOMMANDS = ("ask", "train", "evaluate", "finetune", "bench", "attention")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="paligemma", description="PaliGemma from scratch: ask, train, evaluate, "
                                      "benchmark and look inside.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(SUBCOMMANDS) + "}")
-    for add in (_add_ask, _add_train, _add_bench, _add_attention):
+    for add in (_add_ask, _add_train, _add_finetune, _add_bench, _add_attention):
         add(commands)
     return parser
 

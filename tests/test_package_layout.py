@@ -54,10 +54,10 @@ RULES = [
     # decoding needs a model, not the loader, the interpretation tools, training or the entry points
     Rule("paligemma.inference", never=("paligemma.io.checkpoint", "paligemma.interpret", "paligemma.training",
                                        "paligemma.bench", "paligemma.cli")),
-    # the entry points: only `__main__` modules and `paligemma.train` start them; the command line dispatches
+    # the entry points: only `__main__` modules, `paligemma.train` and `paligemma.finetune` start them; the command line dispatches
     # `paligemma bench`, and the benchmark's own modules import one another
     Rule("paligemma", never=("paligemma.cli", "paligemma.bench"),
-         exempt=("*.__main__", "paligemma.train", "paligemma.cli", "paligemma.bench")),
+         exempt=("*.__main__", "paligemma.train", "paligemma.finetune", "paligemma.cli", "paligemma.bench")),
 ]
 
 FORMAT_MODULES = {  # reading or writing files in some format: the model leaves that to paligemma.io

@@ -1,9 +1,11 @@
 """The one training loop every stage uses: scheduled learning rate, loss, backward, clipping, an optimiser step.
 
-    for step, loss, lr in optimisation_steps(optimizer, parameters, schedule, compute_loss, start=resumed_step):
+    for step, loss, lr in optimisation_steps(optimizer, parameters, schedule, compute_loss, total, clip,
+                                             start=resumed_step):
         ...  # log, evaluate, checkpoint
 
-`compute_loss()` builds the next batch and returns its loss; the caller decides what happens between steps.
+`compute_loss(micro)` builds micro-batch `micro` of the next step and returns its share of the step's loss (the
+shares add up to the loss of the whole batch); the caller decides what happens between steps.
 Checkpoints go through `save_atomically`, so a run killed while writing one keeps the previous one whole.
 """
 
@@ -32,27 +34,34 @@ def optimisation_steps(
     optimizer: torch.optim.Optimizer,
     parameters: Iterable[torch.nn.Parameter],
     schedule: Callable[[int], float],
-    compute_loss: Callable[[], torch.Tensor],
+    compute_loss: Callable[[int], torch.Tensor],
     total_steps: int,
     grad_clip: float,
     start: int = 0,
     description: str = "training",
+    accumulation: int = 1,
+    progress: bool | None = None,
 ) -> Iterator[tuple[int, torch.Tensor, float]]:
     """Steps `start` .. `total_steps - 1`; yields (steps done, loss, learning rate) after each optimiser step.
 
-    Each step sets every parameter group's learning rate to `schedule(step)`, computes the loss, clears the old
-    gradients, backpropagates, clips the gradient norm of `parameters` to `grad_clip`, and steps the optimiser.
-    A progress bar (tqdm, on stderr when it is a terminal) shows the loss and learning rate.
+    Each step sets every parameter group's learning rate to `schedule(step)`, clears the old gradients, and for
+    each of its `accumulation` micro-batches computes that share of the loss and backpropagates it, so gradients
+    add up to those of the whole batch; then it clips their norm over `parameters` to `grad_clip` and steps the
+    optimiser. A progress bar (tqdm; by default only when stderr is a terminal) shows the loss and learning rate.
     """
     parameters = list(parameters)
-    with tqdm(total=total_steps, initial=start, desc=description, disable=None, leave=False) as bar:
+    with tqdm(total=total_steps, initial=start, desc=description, disable=None if progress is None else not progress,
+              leave=False) as bar:
         for step in range(start, total_steps):
             lr = schedule(step)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss = compute_loss()
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss = torch.zeros(())
+            for micro in range(accumulation):
+                share = compute_loss(micro)
+                share.backward()
+                loss = loss + share.detach().float().cpu()
             torch.nn.utils.clip_grad_norm_(parameters, grad_clip)
             optimizer.step()
             bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}", refresh=False)

@@ -215,7 +215,7 @@ def pretrain_vision(model: PaliGemmaForConditionalGeneration, settings: TrainSet
     history = []
     measured: dict[str, torch.Tensor] = {}
 
-    def compute_loss() -> torch.Tensor:
+    def compute_loss(_micro: int) -> torch.Tensor:
         scenes = [shapes.make_scene(rng, settings.image_size) for _ in range(settings.vision_batch_size)]
         pixels = torch.stack([preprocess_image(scene.image, settings.image_size) for scene in scenes]).to(device)
         shares, boxes, has_box = (t.to(device) for t in patch_targets(scenes, patch_size))
@@ -325,7 +325,7 @@ def train(out: str | Path, settings: TrainSettings, log=print) -> dict:
     autocast = dict(device_type=torch.device(settings.device).type, dtype=torch.bfloat16,
                     enabled=settings.precision == "bf16")
 
-    def compute_loss() -> torch.Tensor:
+    def compute_loss(_micro: int) -> torch.Tensor:
         examples = [shapes.make_example(rng, settings.image_size) for _ in range(settings.batch_size)]
         with torch.autocast(**autocast):
             return model(**training_batch(processor, examples, settings.device), return_logits=False).loss
