@@ -154,7 +154,8 @@ FINETUNE_HELP = {
     "warmup_fraction": "share of the steps spent warming the learning rate up linearly; a cosine decay follows",
     "optimizer": "adamw or sgd",
     "lora_targets": "comma-separated projections of the decoder to adapt",
-    "precision": "fp32, or bf16: products under bf16 autocast, frozen weights kept in bf16",
+    "precision": "fp32, or bf16: products under bf16 autocast, frozen weights kept in bf16 (default: bf16 on a GPU, "
+                 "fp32 on a CPU, where bf16 was measured slower)",
     "activation_checkpointing": "recompute activations layer by layer in the backward pass (less memory)",
     "from_scratch": "start from random weights instead of the checkpoint's (a baseline)",
     "eval_examples": "held-out examples to score (0: all)",
@@ -185,6 +186,8 @@ def _add_finetune(commands: argparse._SubParsersAction) -> None:
         elif isinstance(default, tuple):
             finetune.add_argument(flag, type=lambda text: tuple(t.strip() for t in text.split(",") if t.strip()),
                                   default=default, help=f"{help_text[:-1]}: {','.join(default)})")
+        elif field.name == "precision":
+            finetune.add_argument(flag, default=None, choices=PRECISIONS, help=FINETUNE_HELP["precision"])
         else:
             finetune.add_argument(flag, type=type(default), default=default, choices=choices.get(field.name),
                                   help=help_text)
@@ -197,8 +200,11 @@ def _finetune(args: argparse.Namespace) -> int:
     from .training.finetune import FinetuneSettings, finetune
 
     _set_threads(args.threads)
+    device = _device(args.device)
+    if args.precision is None:
+        args.precision = "bf16" if device.startswith("cuda") else "fp32"
     settings = FinetuneSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(FinetuneSettings)})
-    record = finetune(args.model, args.train, args.out, settings, eval_file=args.eval, device=_device(args.device),
+    record = finetune(args.model, args.train, args.out, settings, eval_file=args.eval, device=device,
                       resume=args.resume)
     last = record["evaluations"][-1] if record["evaluations"] else None
     summary = f", held-out score {last['score']:.3f}" if last else ""

@@ -326,3 +326,32 @@ def test_resume_after_sigkill_reaches_the_same_weights(data, tmp_path, method):
     assert all(torch.equal(whole[name], again[name]) for name in whole)  # bit for bit
     records = [json.loads((folder / "record.json").read_text()) for folder in (tmp_path / "whole", out)]
     assert [h["loss"] for h in records[0]["history"]] == [h["loss"] for h in records[1]["history"]]
+
+
+# --- what the run writes, in transformers and peft ------------------------------------------------------------------
+
+
+def test_the_fine_tuned_model_and_adapter_load_in_transformers_and_peft(data, tmp_path):
+    """out/model in transformers, and out/adapter on the base in peft, give our logits to 1e-5 (fp32, eager)."""
+    peft = pytest.importorskip("peft")
+    from transformers import PaliGemmaForConditionalGeneration as Reference
+
+    from helpers import assert_matches, reference_logits
+    from paligemma.io.checkpoint import resolve_checkpoint
+
+    out = tmp_path / "run"
+    finetune(MODEL, data["pairs"], out, small(steps=6, learning_rate=1e-2), log=None)
+    model, processor = load_pretrained(out / "model", accelerate=False)
+    model.set_attention_implementation("eager")
+    batch = collate(processor, read_examples(data["pairs"], processor)[:3])
+    with torch.no_grad():
+        ours = model(**batch, position_ids=batch["attention_mask"].cumsum(-1))
+    merged = Reference.from_pretrained(out / "model", dtype=torch.float32, attn_implementation="eager").eval()
+    theirs = reference_logits(merged, batch, labels=batch["labels"])
+    assert_matches(theirs.logits, ours.logits)
+    base = Reference.from_pretrained(resolve_checkpoint(MODEL), dtype=torch.float32, attn_implementation="eager")
+    adapted = peft.PeftModel.from_pretrained(base.eval(), out / "adapter").eval()
+    assert_matches(reference_logits(adapted, batch).logits, ours.logits)
+    base_logits = reference_logits(Reference.from_pretrained(resolve_checkpoint(MODEL), dtype=torch.float32,
+                                                             attn_implementation="eager").eval(), batch).logits
+    assert (base_logits - ours.logits).abs().max() > 1e-2  # the adapter changed something

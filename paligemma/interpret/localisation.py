@@ -1,4 +1,4 @@
-"""Does the answer look at the right shape? The localisation study of chapter 13, on the shapes world.
+"""Does the answer look at the right shape? The localisation study of chapter 14, on the shapes world.
 
 On colour questions about one shape among two or three ("answer en what color is the circle?"), the answer token's
 attention (the query that predicts the colour) is scored against the shapes' boxes: how often its peak patch lies

@@ -1,8 +1,8 @@
 """Three tasks tiny-shapes never saw, for the fine-tuning chapter ("Teach it something new").
 
     relation  answer en what is left of the circle?                -> a blue square   (or: nothing)
-    star      detect star                                          -> <loc…><loc…><loc…><loc…> star  (a new kind)
-    pairs     answer en do both images hold the same number of shapes?  [two images] -> yes / no
+    star      answer en what color is the star?                    -> red  (a kind pretraining never drew)
+    pairs     answer en how many shapes are there in both images?  [two images] -> 4
 
 `write_task(task, folder, count, seed)` writes a JSONL file and its images in the layout `paligemma finetune` reads.
 Every example is drawn from its seed alone, so training and held-out sets made with different seeds never overlap.
@@ -16,11 +16,10 @@ from pathlib import Path
 
 from PIL import ImageDraw
 
-from ..tasks.locations import DetectedObject, encode_objects
 from . import shapes
 
 TASKS = ("relation", "star", "pairs")
-PAIRS_PROMPT = "answer en do both images hold the same number of shapes?"
+PAIRS_PROMPT = "answer en how many shapes are there in both images?"
 
 
 def _centre_x(shape: shapes.Shape) -> int:
@@ -42,50 +41,33 @@ def relation_example(rng: random.Random, size: int) -> tuple[list[shapes.Scene],
 
 
 def star_scene(rng: random.Random, size: int) -> shapes.Scene:
-    """One to three shapes, at least one a star (a kind pretraining never drew), on the usual backgrounds."""
-    image = shapes._background(rng, size)
-    draw = ImageDraw.Draw(image)
-    placed: list[shapes.Shape] = []
-    count = rng.randint(1, 3)
-    star_at = rng.randrange(count)
-    for i in range(count):
-        box = shapes._place(rng, size, [s.box for s in placed])
-        if box is None:
-            break
-        kind = "star" if i == star_at else rng.choice((*shapes.KINDS, "star"))
-        color = rng.choice(list(shapes.COLORS))
-        shapes._draw_shape(draw, kind, box, shapes.COLORS[color])
-        placed.append(shapes.Shape(kind, color, box))
-    if not any(s.kind == "star" for s in placed):  # the star found no room: draw the scene again
-        return star_scene(rng, size)
-    return shapes.Scene(image, placed)
-
-
-def drawn_box(shape: shapes.Shape) -> tuple[float, float, float, float]:
-    """The extent of the drawn pixels, x_min, y_min, x_max, y_max (a star does not fill its square)."""
-    x0, y0, x1, y1 = shape.box
-    if shape.kind != "star":
-        return float(x0), float(y0), float(x1 + 1), float(y1 + 1)
-    corners = shapes.star_points(((x0 + x1) / 2, (y0 + y1) / 2), (x1 - x0) / 2)
-    xs, ys = [x for x, _ in corners], [y for _, y in corners]
-    return min(xs), min(ys), max(xs) + 1, max(ys) + 1
+    """One star (a kind pretraining never drew) and up to two other shapes, no other of the star's colour."""
+    while True:
+        image = shapes._background(rng, size)
+        draw = ImageDraw.Draw(image)
+        placed: list[shapes.Shape] = []
+        for kind in ["star"] + [rng.choice(shapes.KINDS) for _ in range(rng.randint(0, 2))]:
+            box = shapes._place(rng, size, [s.box for s in placed])
+            if box is None:
+                break
+            taken = {s.color for s in placed}
+            color = rng.choice([c for c in shapes.COLORS if c not in taken])
+            shapes._draw_shape(draw, kind, box, shapes.COLORS[color])
+            placed.append(shapes.Shape(kind, color, box))
+        if placed:
+            return shapes.Scene(image, placed)
 
 
 def star_example(rng: random.Random, size: int) -> tuple[list[shapes.Scene], str, str]:
+    """The colour of the scene's star: to answer, the model must tell a star from the shapes it knows."""
     scene = star_scene(rng, size)
-    stars = sorted((s for s in scene.shapes if s.kind == "star"), key=lambda s: (s.box[1], s.box[0]))
-    answer = encode_objects([DetectedObject("star", drawn_box(s)) for s in stars], size, size)
-    return [scene], "detect star", answer
+    return [scene], "answer en what color is the star?", scene.shapes[0].color
 
 
 def pairs_example(rng: random.Random, size: int) -> tuple[list[shapes.Scene], str, str]:
-    """Two scenes; half the time with the same number of shapes."""
-    first = shapes.make_scene(rng, size)
-    same = rng.random() < 0.5
-    while True:
-        second = shapes.make_scene(rng, size)
-        if (len(second.shapes) == len(first.shapes)) == same:
-            return [first, second], PAIRS_PROMPT, "yes" if same else "no"
+    """Two scenes and the number of shapes in both together (2 to 6): counting across a prompt's images."""
+    first, second = shapes.make_scene(rng, size), shapes.make_scene(rng, size)
+    return [first, second], PAIRS_PROMPT, str(len(first.shapes) + len(second.shapes))
 
 
 MAKERS = {"relation": relation_example, "star": star_example, "pairs": pairs_example}
