@@ -153,7 +153,8 @@ FINETUNE_HELP = {
     "grad_accumulation": "split each step's batch into this many micro-batches (less memory, same result)",
     "warmup_fraction": "share of the steps spent warming the learning rate up linearly; a cosine decay follows",
     "optimizer": "adamw or sgd",
-    "lora_targets": "comma-separated projections of the decoder to adapt",
+    "lora_targets": "comma-separated projections to adapt",
+    "lora_parts": "where: language_model, vision_tower, or both, comma-separated",
     "precision": "fp32, or bf16: products under bf16 autocast, frozen weights kept in bf16 (default: bf16 on a GPU, "
                  "fp32 on a CPU, where bf16 was measured slower)",
     "activation_checkpointing": "recompute activations layer by layer in the backward pass (less memory)",
@@ -185,7 +186,8 @@ def _add_finetune(commands: argparse._SubParsersAction) -> None:
             finetune.add_argument(flag, action="store_true", help=help_text)
         elif isinstance(default, tuple):
             finetune.add_argument(flag, type=lambda text: tuple(t.strip() for t in text.split(",") if t.strip()),
-                                  default=default, help=f"{help_text[:-1]}: {','.join(default)})")
+                                  default=default,
+                                  help=f"{FINETUNE_HELP[field.name]} (default {','.join(default)})")
         elif field.name == "precision":
             finetune.add_argument(flag, default=None, choices=PRECISIONS, help=FINETUNE_HELP["precision"])
         else:

@@ -355,3 +355,14 @@ def test_the_fine_tuned_model_and_adapter_load_in_transformers_and_peft(data, tm
     base_logits = reference_logits(Reference.from_pretrained(resolve_checkpoint(MODEL), dtype=torch.float32,
                                                              attn_implementation="eager").eval(), batch).logits
     assert (base_logits - ours.logits).abs().max() > 1e-2  # the adapter changed something
+
+
+def test_sgd_bf16_and_checkpointing_run_together(data, tmp_path):
+    """The other settings, together: plain SGD with momentum, bf16 autocast with frozen weights kept in bf16, and
+    activation checkpointing; the saved model is in the checkpoint's own dtype again."""
+    settings = small(method="freeze-vision", optimizer="sgd", momentum=0.9, learning_rate=1e-2, precision="bf16",
+                     activation_checkpointing=True)
+    record = finetune(MODEL, data["train"], tmp_path / "run", settings, eval_file=data["eval"], log=None)
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in record["history"])
+    file = SafetensorsFile(tmp_path / "run" / "model" / "model.safetensors")
+    assert {file.dtype(name) for name in file.entries} == {torch.float32}

@@ -65,6 +65,7 @@ class FinetuneSettings:
     lora_alpha: float = LoraSettings().alpha  # 8: a scale alpha / rank of 1, as peft's default and the HF guide
     lora_dropout: float = 0.0
     lora_targets: tuple[str, ...] = LoraSettings().target_modules
+    lora_parts: tuple[str, ...] = LoraSettings().parts  # add "vision_tower" to adapt SigLIP's projections too
     precision: str = "fp32"  # "bf16": products under bf16 autocast, frozen weights stored in bf16
     activation_checkpointing: bool = False  # recompute each layer's activations in the backward pass
     from_scratch: bool = False  # start from random weights instead of the checkpoint's (a baseline)
@@ -100,7 +101,7 @@ class FinetuneSettings:
 
     def lora_settings(self) -> LoraSettings:
         return LoraSettings(rank=self.lora_rank, alpha=self.lora_alpha, dropout=self.lora_dropout,
-                            target_modules=tuple(self.lora_targets))
+                            target_modules=tuple(self.lora_targets), parts=tuple(self.lora_parts))
 
     @property
     def warmup_steps(self) -> int:
@@ -110,7 +111,7 @@ class FinetuneSettings:
         return cosine_schedule(step, self.learning_rate, self.warmup_steps, self.steps, self.min_learning_rate)
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "lora_targets": list(self.lora_targets)}
+        return {**asdict(self), "lora_targets": list(self.lora_targets), "lora_parts": list(self.lora_parts)}
 
 
 @dataclass
