@@ -1,6 +1,6 @@
 """After `make notebooks` executes the chapters: drop saved widget state and join adjacent stream outputs.
 
-The static book cannot run chapter 13's explorer, and its saved state would pull ipywidgets' JavaScript into
+The static book cannot run chapter 14's explorer, and its saved state would pull ipywidgets' JavaScript into
 every page; nbval compares a cell's stdout as one coalesced text, so the stored output is kept that way too.
 """
 

@@ -156,7 +156,7 @@ FINETUNE_HELP = {
     "lora_targets": "comma-separated projections to adapt",
     "lora_parts": "where: language_model, vision_tower, or both, comma-separated",
     "precision": "fp32, or bf16: products under bf16 autocast, frozen weights kept in bf16 (default: bf16 on a GPU, "
-                 "fp32 on a CPU, where bf16 was measured slower)",
+                 "fp32 on a CPU, where bf16 autocast was measured no faster: see the README)",
     "activation_checkpointing": "recompute activations layer by layer in the backward pass (less memory)",
     "from_scratch": "start from random weights instead of the checkpoint's (a baseline)",
     "eval_examples": "held-out examples to score (0: all)",

@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from paligemma.bench import PRESETS, finetune_step, memory_fit
+from paligemma.bench import PRESETS, finetune_step, memory_fit, transfer_study
 from paligemma.models.config import PaliGemmaConfig
 from paligemma.training import new_tasks, shapes
 
@@ -91,3 +91,25 @@ def test_written_tasks_read_back_as_fine_tuning_data(task, tmp_path):
     examples = read_examples(path, load_pretrained("tiny-shapes", accelerate=False)[1])
     assert len(examples) == 12 and {len(e.images) for e in examples} == {2 if task == "pairs" else 1}
     assert path.read_text() == new_tasks.write_task(task, tmp_path / "again", 12, seed=1).read_text()
+
+
+def test_the_transfer_study_scores_forgetting_and_resumes(tmp_path, monkeypatch):
+    """Two tiny runs through the command line: each record holds the held-out score, the drop on the original tasks
+    (the base's score minus the run's) and the costs; started again, the study reuses the finished runs."""
+    monkeypatch.setattr(transfer_study, "HELD_OUT", 6)
+    monkeypatch.setattr(transfer_study, "ORIGINAL_SCENES", 3)
+    arguments = (tmp_path, ("star",), ("lora", "scratch"), (8,), 2, 1)
+    report = transfer_study.study(*arguments, log=lambda message: None)
+    assert [(r["method"], r["train_examples"]) for r in report["runs"]] == [("lora", 8), ("scratch", 8)]
+    for row in report["runs"]:
+        assert 0 <= row["score"] <= 1 and row["trainable_parameters"] > 0 and row["train_seconds"] > 0
+        assert row["forgetting"] == {k: round(report["baseline_original_tasks"][k] - v, 4)
+                                     for k, v in row["original_tasks"].items()}
+    lora, scratch = report["runs"]
+    assert lora["trainable_parameters"] < scratch["trainable_parameters"] == scratch["parameters"]
+    record = tmp_path / "star" / "lora-8" / "record.json"
+    written = record.stat().st_mtime_ns
+    assert transfer_study.study(*arguments, log=lambda message: None)["runs"] == report["runs"]
+    assert record.stat().st_mtime_ns == written  # not trained again
+    table = transfer_study.format_table(report)
+    assert "| star | lora | " in table and "| star | scratch | " in table

@@ -112,6 +112,24 @@ def study(out: Path, tasks: tuple[str, ...], methods: tuple[str, ...], sizes: tu
             "batch_size": 16, "threads": threads, "baseline_original_tasks": baseline, "runs": runs}
 
 
+def format_table(report: dict) -> str:
+    """The study as a Markdown table: held-out score per size, forgetting, trainable parameters, time and memory."""
+    sizes = sorted({r["train_examples"] for r in report["runs"]})
+    largest = sizes[-1]
+    lines = ["| task | method | " + " | ".join(f"score @{s}" for s in sizes)
+             + f" | forgot @{largest} | trainable | train s | peak GB |",
+             "|---|---|" + "---:|" * (len(sizes) + 4)]
+    for task in dict.fromkeys(r["task"] for r in report["runs"]):
+        for method in dict.fromkeys(r["method"] for r in report["runs"]):
+            mine = {r["train_examples"]: r for r in report["runs"] if (r["task"], r["method"]) == (task, method)}
+            last = mine[largest]
+            forgot = sum(last["forgetting"].values()) / len(last["forgetting"])
+            lines.append(f"| {task} | {method} | " + " | ".join(f"{mine[s]['score']:.3f}" for s in sizes)
+                         + f" | {forgot:.3f} | {last['trainable_parameters']:,} | {last['train_seconds']:.0f} "
+                         f"| {last['peak_memory_gb']:.2f} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m paligemma.bench.transfer_study",
                                      description=__doc__.split("\n")[0])
@@ -129,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     report["machine"] = machine_description(torch.device("cpu"))
     report["wall_minutes"] = round((time.monotonic() - started) / 60, 1)
     report["command"] = "python -m paligemma.bench.transfer_study " + " ".join(argv or sys.argv[1:])
+    print(format_table(report))
     if args.json:
         write_json(Path(args.json), report)
     return 0
