@@ -1,4 +1,5 @@
 """The one training loop every stage uses: scheduled learning rate, loss, backward, clipping, an optimiser step.
+A stage drives it so::
 
     for step, loss, lr in optimisation_steps(optimizer, parameters, schedule, compute_loss, total, clip,
                                              start=resumed_step):

@@ -58,7 +58,7 @@ class LoraSettings:
     dropout: float = 0.0
     #: the names of the linear layers to adapt, within each of `parts`
     target_modules: tuple[str, ...] = LINEAR_LAYERS[LANGUAGE_MODEL]
-    #: where: "language_model" (Gemma), "vision_tower" (SigLIP), or both
+    #: where adapters go, "language_model" (Gemma), "vision_tower" (SigLIP) or both
     parts: tuple[str, ...] = (LANGUAGE_MODEL,)
 
     def __post_init__(self) -> None:
