@@ -16,7 +16,6 @@ import pytest
 import torch
 
 from paligemma import PaliGemmaError, load_pretrained
-from paligemma.cli import main
 from paligemma.io.safetensors import SafetensorsFile
 from paligemma.training import shapes
 from paligemma.training.data import DataError, batch_indices, collate, read_examples

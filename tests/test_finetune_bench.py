@@ -113,3 +113,13 @@ def test_the_transfer_study_scores_forgetting_and_resumes(tmp_path, monkeypatch)
     assert record.stat().st_mtime_ns == written  # not trained again
     table = transfer_study.format_table(report)
     assert "| star | lora | " in table and "| star | scratch | " in table
+
+
+def test_a_report_is_saved_with_the_command_that_made_it(tmp_path):
+    from paligemma.bench.command import save_report
+
+    report = {"rows": [1, 2]}
+    save_report(report, str(tmp_path / "new" / "report.json"), "paligemma.bench.memory_fit", ["--preset", "tiny"])
+    saved = json.loads((tmp_path / "new" / "report.json").read_text())
+    assert saved == {"rows": [1, 2], "command": "python -m paligemma.bench.memory_fit --preset tiny"}
+    assert not list((tmp_path / "new").glob("*.partial"))  # written through a temporary file and a rename

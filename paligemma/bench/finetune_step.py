@@ -26,6 +26,7 @@ import torch
 from ..models.config import PaliGemmaConfig
 from . import PRESETS
 from .harness import _status_bytes, make_inputs, write_random_checkpoint
+from .command import progress, save_report
 from .limits import machine_description
 
 IMPLEMENTATIONS = ("ours", "transformers+peft")
@@ -163,13 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.probe:
         print(json.dumps(probe(args.probe[0], Path(args.probe[1]), args.text_tokens, args.steps, args.warmup)))
         return 0
-    report = run(args.preset, args.text_tokens, args.steps, args.warmup, args.repeats, args.workdir,
-                 log=lambda message: print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True))
-    report["command"] = "python -m paligemma.bench.finetune_step " + " ".join(argv or sys.argv[1:])
+    report = run(args.preset, args.text_tokens, args.steps, args.warmup, args.repeats, args.workdir, log=progress)
+    save_report(report, args.json, "paligemma.bench.finetune_step", argv)
     print(format_summary(report))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
     return 0
 
 

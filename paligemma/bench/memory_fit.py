@@ -23,10 +23,8 @@ import argparse
 import multiprocessing
 import json
 import math
-import sys
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -35,6 +33,7 @@ from ..io.checkpoint import empty_model
 from ..models.config import PaliGemmaConfig
 from ..models.paligemma import PaliGemmaForConditionalGeneration
 from . import PRESETS
+from .command import progress, save_report
 
 GIB = 1 << 30
 GPUS = {"16 GB (T4, V100-16)": 16, "24 GB (L4, A10, RTX 4090)": 24, "80 GB (A100-80, H100)": 80}
@@ -133,7 +132,9 @@ def measure_saved_bytes(config: PaliGemmaConfig, method: str, checkpointing: boo
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         with torch.autocast("cpu", dtype=torch.bfloat16):
+            # the loss holds the graph: no saved storage is freed, reused and counted twice before the count
             loss = model(**training_batch(config, TEXT_TOKENS), return_logits=False).loss
+    del loss
     return {kind: sum(values.values()) for kind, values in kept.items()}
 
 
@@ -244,13 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resolutions", type=int, nargs="+", default=list(RESOLUTIONS))
     parser.add_argument("--json", default=None, help="write the report here")
     args = parser.parse_args(argv)
-    report = study(args.preset, tuple(args.resolutions),
-                   log=lambda message: print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True))
-    report["command"] = "python -m paligemma.bench.memory_fit " + " ".join(argv or sys.argv[1:])
+    report = study(args.preset, tuple(args.resolutions), log=progress)
+    save_report(report, args.json, "paligemma.bench.memory_fit", argv)
     print(format_table(report))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
     return 0
 
 

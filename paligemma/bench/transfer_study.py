@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 
 from ..io.checkpoint import load_pretrained
-from ..io.layout import write_json
 from ..training import new_tasks, shapes
 from ..training.pretrain import HELD_OUT_SEED, evaluate
+from .command import progress, save_report
 from .limits import machine_description
 
 MODEL = "tiny-shapes"
@@ -143,13 +143,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     started = time.monotonic()
     report = study(Path(args.out), tuple(args.tasks), tuple(args.methods), tuple(args.sizes), args.steps,
-                   args.threads, log=lambda m: print(f"[{time.strftime('%H:%M:%S')}] {m}", flush=True))
+                   args.threads, log=progress)
     report["machine"] = machine_description(torch.device("cpu"))
     report["wall_minutes"] = round((time.monotonic() - started) / 60, 1)
-    report["command"] = "python -m paligemma.bench.transfer_study " + " ".join(argv or sys.argv[1:])
+    save_report(report, args.json, "paligemma.bench.transfer_study", argv)
     print(format_table(report))
-    if args.json:
-        write_json(Path(args.json), report)
     return 0
 
 
