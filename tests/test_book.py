@@ -78,6 +78,19 @@ def test_every_page_is_built(built_book):
         assert page.is_file(), f"missing page {page.relative_to(built_book)}"
 
 
+def test_every_inline_script_appears_once_per_page(built_book):
+    """Sphinx 7.4 wrote sphinx-thebe's and sphinx-togglebutton's inline scripts twice into every page, and the
+    browser refused the second `const THEBE_JS_URL`; book/_ext/single_inline_scripts.py keeps one of each."""
+    import re
+    from collections import Counter
+
+    repeated = []
+    for page in sorted(built_book.rglob("*.html")):
+        bodies = re.findall(r"<script>(.+?)</script>", page.read_text(encoding="utf-8"), flags=re.DOTALL)
+        repeated += [f"{page.relative_to(built_book)}: {body[:60]}" for body, n in Counter(bodies).items() if n > 1]
+    assert not repeated, "\n".join(repeated[:10])
+
+
 def test_no_broken_internal_links_or_images(built_book):
     problems = []
     for page in sorted(built_book.rglob("*.html")):
