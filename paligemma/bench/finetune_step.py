@@ -25,8 +25,8 @@ import torch
 
 from ..models.config import PaliGemmaConfig
 from . import PRESETS
-from .harness import _status_bytes, make_inputs, write_random_checkpoint
 from .command import progress, save_report
+from .harness import _status_bytes, make_inputs, write_random_checkpoint
 from .limits import machine_description
 
 IMPLEMENTATIONS = ("ours", "transformers+peft")
