@@ -149,7 +149,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 FINETUNE_HELP = {
     "method": "what trains: full, freeze-vision (tower and projector frozen), attention (the decoder's q, k, v, o) "
               "or lora (low-rank adapters, the rest frozen)",
-    "batch_size": "examples per optimiser step",
+    "batch_size": "examples per optimiser step (with --distributed, over all processes together)",
     "grad_accumulation": "split each step's batch into this many micro-batches (less memory, same result)",
     "warmup_fraction": "share of the steps spent warming the learning rate up linearly; a cosine decay follows",
     "optimizer": "adamw or sgd",
@@ -164,6 +164,7 @@ FINETUNE_HELP = {
 
 
 def _add_finetune(commands: argparse._SubParsersAction) -> None:
+    from .training.distributed import STRATEGIES
     from .training.finetune import OPTIMIZERS, PRECISIONS, FinetuneSettings
     from .training.methods import METHODS
 
@@ -194,20 +195,45 @@ def _add_finetune(commands: argparse._SubParsersAction) -> None:
             finetune.add_argument(flag, type=type(default), default=default, choices=choices.get(field.name),
                                   help=help_text)
     finetune.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    finetune.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    finetune.add_argument("--threads", type=int, default=None, help="CPU threads for torch (per process)")
+    finetune.add_argument("--distributed", choices=STRATEGIES, default=None,
+                          help="under torchrun: ddp (every process holds the whole model) or fsdp (each holds a "
+                          "shard of every layer); NCCL on GPUs, gloo on CPUs")
+    finetune.add_argument("--cpu-offload", action="store_true",
+                          help="fsdp: keep the sharded weights, gradients and optimiser state in CPU memory")
+    finetune.add_argument("--no-reshard-after-forward", action="store_true",
+                          help="fsdp: keep each layer's gathered weights from the forward to the backward pass "
+                          "(faster, more memory)")
     finetune.set_defaults(run=_finetune)
 
 
 def _finetune(args: argparse.Namespace) -> int:
+    from .training import distributed as parallel
     from .training.finetune import FinetuneSettings, finetune
+    from .training.resume import latest_checkpoint
 
     _set_threads(args.threads)
     device = _device(args.device)
     if args.precision is None:
         args.precision = "bf16" if device.startswith("cuda") else "fp32"
     settings = FinetuneSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(FinetuneSettings)})
-    record = finetune(args.model, args.train, args.out, settings, eval_file=args.eval, device=device,
-                      resume=args.resume)
+    if args.distributed is None:
+        if args.cpu_offload or args.no_reshard_after_forward:
+            raise PaliGemmaError("--cpu-offload and --no-reshard-after-forward need --distributed fsdp")
+        parallel.refuse_lone_torchrun_workers()
+        record = finetune(args.model, args.train, args.out, settings, eval_file=args.eval, device=device,
+                          resume=args.resume)
+    else:
+        layout = parallel.DistributedSettings(args.distributed, not args.no_reshard_after_forward, args.cpu_offload)
+        world, device = parallel.join_group(device)
+        # After a lost worker torchrun restarts every rank with the same command: go on from the last checkpoint.
+        resume = args.resume or (parallel.restarted_by_torchrun() and latest_checkpoint(args.out) is not None)
+        record = parallel.on_every_rank(world, lambda: finetune(
+            args.model, args.train, args.out, settings, eval_file=args.eval, device=device, resume=resume,
+            world=world, distributed=layout))
+        parallel.leave_group()
+        if not world.is_main:
+            return 0
     last = record["evaluations"][-1] if record["evaluations"] else None
     summary = f", held-out score {last['score']:.3f}" if last else ""
     print(f"fine-tuned {record['trainable_parameters']:,} of {record['parameters']:,} parameters for "

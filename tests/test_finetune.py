@@ -17,9 +17,9 @@ import torch
 
 from paligemma import PaliGemmaError, load_pretrained
 from paligemma.io.safetensors import SafetensorsFile
-from paligemma.training import shapes
+from paligemma.training import resume, shapes
 from paligemma.training.data import DataError, batch_indices, collate, read_examples
-from paligemma.training.finetune import CHECKPOINT_FILE, FinetuneSettings, finetune, prepare_run, step_loss
+from paligemma.training.finetune import FinetuneSettings, finetune, prepare_run, step_loss
 from paligemma.training.methods import count_parameters, select_trainable
 from paligemma.training.scoring import answer_score
 
@@ -228,7 +228,7 @@ def test_two_images_per_example_train_and_generate(data, tmp_path):
 
 @pytest.mark.parametrize("changes, problem", [
     (dict(steps=0), "steps must be at least 1"),
-    (dict(batch_size=6, grad_accumulation=4), "not a multiple of grad-accumulation"),
+    (dict(batch_size=3, grad_accumulation=4), "batch-size 3 with grad-accumulation 4 leaves a micro-batch empty"),
     (dict(method="prefix"), "unknown method"),
     (dict(optimizer="adam"), "unknown optimizer"),
     (dict(learning_rate=0.0), "learning rates must satisfy"),
@@ -266,30 +266,62 @@ def test_an_unwritable_out_is_named_in_one_line(data, tmp_path):
 
 def test_a_full_disk_is_named_in_one_line(data, tmp_path, monkeypatch):
     def full(*args, **kwargs):
-        raise OSError(28, "No space left on device", str(tmp_path / "run" / "checkpoint.pt.partial"))
+        raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(torch, "save", full)
-    with pytest.raises(PaliGemmaError, match="^no space left on the device while writing .*checkpoint.pt.partial$"):
+    monkeypatch.setattr(torch, "save", full)  # what DCP's file writer writes each tensor with
+    with pytest.raises(PaliGemmaError, match="^no space left on the device while writing .*checkpoint.partial$"):
         finetune(MODEL, data["train"], tmp_path / "run", small(), log=None)
 
 
 def test_a_kill_while_saving_keeps_the_previous_checkpoint(data, tmp_path, monkeypatch):
     out = tmp_path / "run"
-    real_save, saves = torch.save, []
+    real_save, saves = resume.dcp.save, []
 
-    def dies_while_writing_the_second(state, path, *args, **kwargs):
-        saves.append(path)
-        real_save(state, path, *args, **kwargs)
+    def dies_while_writing_the_second(state, checkpoint_id, **kwargs):
+        saves.append(Path(checkpoint_id))
+        real_save(state, checkpoint_id=checkpoint_id, **kwargs)
         if len(saves) == 2:
-            Path(path).write_bytes(Path(path).read_bytes()[:1000])  # cut short mid-write
+            shard = next(Path(checkpoint_id).glob("*.distcp"))
+            shard.write_bytes(shard.read_bytes()[:1000])  # cut short mid-write
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(torch, "save", dies_while_writing_the_second)
+    monkeypatch.setattr(resume.dcp, "save", dies_while_writing_the_second)
     with pytest.raises(KeyboardInterrupt):
         finetune(MODEL, data["train"], out, small(steps=4), log=None)
-    assert saves[1].name == CHECKPOINT_FILE + ".partial"
-    state = torch.load(out / CHECKPOINT_FILE, weights_only=False)
-    assert state["step"] == 2  # the previous checkpoint, whole
+    assert saves[1].name == "checkpoint.partial"
+    assert resume.latest_checkpoint(out) == out / "checkpoint"
+    assert resume.read_progress(out / "checkpoint")["step"] == 2  # the previous checkpoint, whole
+    monkeypatch.setattr(resume.dcp, "save", real_save)
+    record = finetune(MODEL, data["train"], out, small(steps=4), log=None, resume=True)
+    assert [h["step"] for h in record["history"]] == [1, 2, 3, 4]
+
+
+def test_a_kill_between_the_renames_resumes_from_the_previous_checkpoint(data, tmp_path, monkeypatch):
+    """Saving moves the old checkpoint aside before renaming the new one in: dying between the two leaves only
+    checkpoint.previous/, and resuming starts from it."""
+    out = tmp_path / "run"
+    real_rename, renames = Path.rename, []
+
+    def dies_after_moving_the_old_one_aside(self, target):
+        if Path(target).name.startswith("checkpoint"):  # not DCP's own renames inside the folder
+            renames.append(Path(target).name)
+        result = real_rename(self, target)
+        if Path(target).name == "checkpoint.previous":
+            raise KeyboardInterrupt
+        return result
+
+    monkeypatch.setattr(Path, "rename", dies_after_moving_the_old_one_aside)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(MODEL, data["train"], out, small(steps=4), log=None)
+    assert renames == ["checkpoint", "checkpoint.previous"]  # the first save, then the second's move aside
+    assert not (out / "checkpoint").exists() and (out / "checkpoint.partial").exists()
+    assert resume.latest_checkpoint(out) == out / "checkpoint.previous"
+    monkeypatch.setattr(Path, "rename", real_rename)
+    whole = finetune(MODEL, data["train"], tmp_path / "whole", small(steps=4), log=None)
+    again = finetune(MODEL, data["train"], out, small(steps=4), log=None, resume=True)
+    assert [h["loss"] for h in again["history"]] == [h["loss"] for h in whole["history"]]
+    assert final_weights(out).keys() == final_weights(tmp_path / "whole").keys()
+    assert all(torch.equal(a, b) for a, b in zip(final_weights(out).values(), final_weights(tmp_path / "whole").values()))
 
 
 def final_weights(out: Path) -> dict[str, torch.Tensor]:

@@ -23,6 +23,7 @@ import torch
 from ..io.checkpoint import load_pretrained
 from ..training import new_tasks, shapes
 from ..training.pretrain import HELD_OUT_SEED, evaluate
+from ..training.resume import latest_checkpoint
 from .command import progress, save_report
 from .limits import machine_description
 
@@ -72,7 +73,7 @@ def run_one(task: str, method: str, size: int, files: dict[str, Path], out: Path
                "--out", str(run_dir)]
     if method == "scratch":
         command.append("--from-scratch")
-    if (run_dir / "checkpoint.pt").exists():
+    if latest_checkpoint(run_dir) is not None:
         command.append("--resume")
     started = time.monotonic()
     done = subprocess.run(command, capture_output=True, text=True)

@@ -36,11 +36,14 @@ def generate_ids(
     settings: GenerationSettings = GenerationSettings(),
     cache: str | KVCache = "dynamic",
     on_token: Callable[[torch.Tensor], None] | None = None,
+    all_finished: Callable[[torch.Tensor], bool] = lambda finished: bool(finished.all()),
 ) -> torch.Tensor:
     """New token ids [b, steps] for a processor batch; after its `<eos>` a sequence is filled with pad.
 
     `cache` picks the decoder (`decoders.CACHES`: "dynamic", "static", "graph", "compiled", or a KVCache).
     `on_token` is called with each step's tokens [b] as soon as they are chosen (to stream, or to time each step).
+    Decoding stops early once `all_finished(finished)` holds for the [b] flags of sequences past their `<eos>`; under
+    FSDP it must hold on every rank at once, since each step's forward is a collective.
     """
     text = model.config.text_config
     batch_size, prompt_length = batch["input_ids"].shape
@@ -60,7 +63,7 @@ def generate_ids(
         if on_token is not None:
             on_token(token)
         finished |= token == text.eos_token_id
-        if bool(finished.all()) or step == settings.max_new_tokens - 1:
+        if all_finished(finished) or step == settings.max_new_tokens - 1:
             break
         logits = decoder.step(token)
     return torch.stack(new_tokens, dim=1)

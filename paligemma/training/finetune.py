@@ -8,16 +8,21 @@ writes into the output folder
     model/          the fine-tuned model, adapters merged, in the Hugging Face layout with its tokenizer
     adapter/        (LoRA) the adapter in PEFT's layout: adapter_config.json + adapter_model.safetensors
     record.json     the settings, the loss of every step, every evaluation, parameter counts, time and memory
-    checkpoint.pt   what `resume=True` continues from: trainable weights, optimiser, step, random state
+    checkpoint/     what `resume=True` continues from: trainable weights and optimiser state, step, record
+                    (`resume.py`: one shard per rank, and it resumes on any number of processes)
 
 The data is checked whole before anything is written. The loss is the prefix-LM loss on the answers only; the
-batches of each step follow from the seed and the step (`data.batch_indices`), and the checkpoint holds the random
-state, so a run resumed after a kill reaches the same weights as one never stopped.
+batches of each step follow from the seed and the step (`data.batch_indices`), and so do the random draws of
+dropout, so a run resumed after a kill reaches the same weights as one never stopped.
+
+Under torchrun with `distributed=DistributedSettings(...)` the same run spreads over several processes
+(`distributed.py`): each rank takes its share of every global batch, and the step is the one process's step.
 """
 
 from __future__ import annotations
 
 import errno
+import os
 import resource
 import time
 from collections.abc import Callable
@@ -29,20 +34,21 @@ from torch import nn
 
 from ..errors import PaliGemmaError
 from ..io.adapter import save_adapter
-from ..io.checkpoint import load_pretrained, parse_device, parse_dtype, resolve_checkpoint
+from ..io.checkpoint import empty_model, load_pretrained, parse_device, parse_dtype, resolve_checkpoint
 from ..io.config_file import read_config
 from ..io.layout import CONFIG_FILE, write_json
 from ..io.processor import PaliGemmaProcessor
 from ..models.paligemma import PaliGemmaForConditionalGeneration
 from .data import FinetuneExample, batch_indices, collate, read_examples
+from .distributed import DistributedSettings, World, layers_of, rank_share, replicate, shard, sync_gradients
 from .lora import LoraSettings, merge_lora
-from .loop import cosine_schedule, optimisation_steps, save_atomically
+from .loop import cosine_schedule, optimisation_steps
 from .methods import METHODS, count_parameters, select_trainable
+from .resume import latest_checkpoint, load_checkpoint, read_progress, save_checkpoint
 from .scoring import evaluate_examples
 
 OPTIMIZERS = ("adamw", "sgd")
 PRECISIONS = ("fp32", "bf16")
-CHECKPOINT_FILE = "checkpoint.pt"
 RECORD_FILE = "record.json"
 
 
@@ -53,7 +59,7 @@ class FinetuneSettings:
     method: str = "lora"
     steps: int = 300
     batch_size: int = 16  # examples per optimiser step
-    grad_accumulation: int = 1  # micro-batches per step: batch_size / grad_accumulation examples in memory at once
+    grad_accumulation: int = 1  # micro-batches per step (per process): about batch_size / grad_accumulation at once
     learning_rate: float = 3e-4
     min_learning_rate: float = 0.0  # where the cosine ends
     warmup_fraction: float = 0.1  # of the steps, a linear warm-up (big_vision's colab: 10%)
@@ -79,9 +85,7 @@ class FinetuneSettings:
         for name in positive:
             if getattr(self, name) < 1:
                 raise PaliGemmaError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.batch_size % self.grad_accumulation:
-            raise PaliGemmaError(f"batch-size {self.batch_size} is not a multiple of grad-accumulation "
-                                 f"{self.grad_accumulation}")
+        check_micro_batches(self, World())
         if self.method not in METHODS:
             raise PaliGemmaError(f"unknown method {self.method!r}: choose from {', '.join(METHODS)}")
         if self.optimizer not in OPTIMIZERS:
@@ -116,17 +120,27 @@ class FinetuneSettings:
 
 @dataclass
 class Run:
-    """A model being fine-tuned, with its data, optimiser and record so far."""
+    """A model being fine-tuned, with its data, optimiser and record so far, on this rank of `world`."""
 
-    model: PaliGemmaForConditionalGeneration
+    model: PaliGemmaForConditionalGeneration  # under FSDP, sharded in place
     processor: PaliGemmaProcessor
     settings: FinetuneSettings
     train: list[FinetuneExample]
     held_out: list[FinetuneExample]
-    trainable: list[nn.Parameter]
     optimizer: torch.optim.Optimizer
+    world: World = field(default_factory=World)
+    distributed: DistributedSettings | None = None
+    forward: nn.Module | None = None  # what a training forward goes through: DDP's wrapper, else the model
     record: dict = field(default_factory=dict)
     step: int = 0
+
+    def __post_init__(self) -> None:
+        if self.forward is None:
+            self.forward = self.model
+
+    @property
+    def trainable(self) -> list[nn.Parameter]:
+        return [parameter for parameter in self.model.parameters() if parameter.requires_grad]
 
 
 # --- building a run --------------------------------------------------------------------------------------------------
@@ -155,13 +169,26 @@ def _checkpoint_layers(model: PaliGemmaForConditionalGeneration) -> None:
     """Activation checkpointing on every encoder and decoder layer, keeping the parameters' names."""
     from torch.distributed._composable import checkpoint
 
-    for layer in [*model.vision_tower.encoder.layers, *model.language_model.layers]:
+    for layer in layers_of(model):
         checkpoint(layer)
 
 
+def check_micro_batches(settings: FinetuneSettings, world: World) -> None:
+    """Every rank runs every micro-batch (FSDP's collectives must match), so none may be empty. Micro-batches may
+    differ in size: each one's loss is weighted by its share of the step's answer tokens."""
+    if settings.batch_size // world.size < settings.grad_accumulation:
+        where = f" over {world.size} processes" if world.size > 1 else ""
+        raise PaliGemmaError(f"batch-size {settings.batch_size}{where} with grad-accumulation "
+                             f"{settings.grad_accumulation} leaves a micro-batch empty: batch-size must be at least "
+                             f"{world.size * settings.grad_accumulation}")
+
+
 def prepare_run(model_path: str | Path, train_file: str | Path, settings: FinetuneSettings,
-                eval_file: str | Path | None = None, device: str = "cpu") -> Run:
-    """Load the model and check all the data; then freeze, add adapters and build the optimiser. Writes nothing."""
+                eval_file: str | Path | None = None, device: str = "cpu", world: World = World(),
+                distributed: DistributedSettings | None = None) -> Run:
+    """Load the model and check all the data; then freeze, add adapters, checkpoint activations, shard or
+    replicate it over `world` (with `distributed`), and build the optimiser. Writes nothing."""
+    check_micro_batches(settings, world)
     device = parse_device(device)
     saved_dtype = read_config(resolve_checkpoint(model_path) / CONFIG_FILE).dtype or "float32"  # saved in it again
     model, processor = load_pretrained(model_path, device=device, dtype=torch.float32, accelerate=False)
@@ -171,22 +198,29 @@ def prepare_run(model_path: str | Path, train_file: str | Path, settings: Finetu
         held_out = held_out[:settings.eval_examples]
     if settings.from_scratch:
         _reinitialise(model, processor, settings.seed)
-    trainable = select_trainable(model, settings.method, settings.lora_settings(), seed=settings.seed)
+    select_trainable(model, settings.method, settings.lora_settings(), seed=settings.seed)
     if settings.precision == "bf16":  # frozen weights in half precision, trainable ones in fp32 (big_vision)
         for parameter in model.parameters():
             if not parameter.requires_grad:
                 parameter.data = parameter.data.to(torch.bfloat16)
-    if settings.activation_checkpointing:
+    if settings.activation_checkpointing:  # before sharding, so FSDP wraps the checkpointed layers
         _checkpoint_layers(model)
+    trained, total = count_parameters(model)  # before sharding: a sharded parameter counts only this rank's part
+    forward: nn.Module = model
+    if distributed is not None and distributed.strategy == "fsdp":
+        shard(model, distributed, bf16=settings.precision == "bf16")
+    elif distributed is not None:
+        forward = replicate(model, str(device))
     model.train()
-    optimizer = _build_optimizer(trainable, settings)
-    trained, total = count_parameters(model)
+    optimizer = _build_optimizer([p for p in model.parameters() if p.requires_grad], settings)
     record = {"model": str(model_path), "train": str(train_file), "eval": None if eval_file is None else str(eval_file),
               "settings": settings.to_dict(), "device": str(device), "train_examples": len(train),
               "eval_examples": len(held_out), "trainable_parameters": trained, "parameters": total,
               "saved_dtype": saved_dtype,
+              "distributed": None if distributed is None else {**asdict(distributed), "processes": world.size,
+                                                                "backend": world.backend},
               "history": [], "evaluations": []}
-    return Run(model, processor, settings, train, held_out, trainable, optimizer, record)
+    return Run(model, processor, settings, train, held_out, optimizer, world, distributed, forward, record)
 
 
 # --- the steps -------------------------------------------------------------------------------------------------------
@@ -196,27 +230,42 @@ def autocast_for(run: Run) -> torch.autocast:
     return torch.autocast(run.model.device.type, dtype=torch.bfloat16, enabled=run.settings.precision == "bf16")
 
 
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """The random seed of one step on one rank: dropout's draws follow from the step, not from the run's history."""
+    return (seed * 1_000_003 + step) * 1_009 + rank
+
+
+def rank_batches(run: Run, step: int) -> list[list[int]]:
+    """This rank's micro-batches of step `step`, as example indices: its share of the global batch, in
+    `grad_accumulation` parts. Over the ranks the shares are disjoint and make up the global batch."""
+    settings, world = run.settings, run.world
+    mine = rank_share(batch_indices(len(run.train), settings.batch_size, step, settings.seed), world.rank, world.size)
+    return [rank_share(mine, micro, settings.grad_accumulation) for micro in range(settings.grad_accumulation)]
+
+
 def step_loss(run: Run, step: int) -> Callable[[int], torch.Tensor]:
-    """compute_loss(micro) for the training loop: each micro-batch's loss weighted by its share of answer tokens,
-    so the shares add up to the mean over every answer token of the step's batch, however it is split."""
-    settings = run.settings
-    indices = batch_indices(len(run.train), settings.batch_size, step, settings.seed)
-    size = settings.batch_size // settings.grad_accumulation
-    batches = [collate(run.processor, [run.train[i] for i in indices[start:start + size]])
-               for start in range(0, len(indices), size)]
-    tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+    """compute_loss(micro) for the training loop: each micro-batch's loss weighted by its share of the answer
+    tokens of the whole global batch (counted over all ranks), so the shares add up to the mean over every answer
+    token of the step, however the batch is split over ranks and micro-batches. DDP and FSDP average the ranks'
+    gradients, so each rank's share is scaled by the number of ranks to make that average a sum."""
+    world = run.world
+    batches = [collate(run.processor, [run.train[i] for i in micro]) for micro in rank_batches(run, step)]
+    tokens = world.sum(sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches))
+    torch.manual_seed(step_seed(run.settings.seed, step, world.rank))
 
     def compute_loss(micro: int) -> torch.Tensor:
         batch = {k: v.to(run.model.device) for k, v in batches[micro].items()}
-        share = int((batch["labels"][:, 1:] != -100).sum()) / tokens
+        share = int((batch["labels"][:, 1:] != -100).sum()) / tokens * world.size
+        sync_gradients(run.model, micro == len(batches) - 1)
         with autocast_for(run):
-            return run.model(**batch, return_logits=False).loss * share
+            return run.forward(**batch, return_logits=False).loss * share
     return compute_loss
 
 
 def evaluate_run(run: Run) -> dict:
     started = time.monotonic()
-    evaluation = evaluate_examples(run.model, run.processor, run.held_out, autocast=autocast_for(run))
+    evaluation = evaluate_examples(run.model, run.processor, run.held_out, autocast=autocast_for(run),
+                                   world=run.world)
     return {"step": run.step, **evaluation.summary(), "seconds": round(time.monotonic() - started, 2)}
 
 
@@ -230,47 +279,51 @@ def peak_memory_gb(device: torch.device) -> tuple[str, float]:
 # --- saving and resuming ---------------------------------------------------------------------------------------------
 
 
-def _trainable_state(run: Run) -> dict[str, torch.Tensor]:
-    return {name: p.detach().clone() for name, p in run.model.named_parameters() if p.requires_grad}
-
-
 def save_state(run: Run, out: Path) -> None:
-    """Everything a resumed run needs, written atomically (a kill mid-write keeps the previous checkpoint)."""
-    rng = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    save_atomically({"step": run.step, "settings": run.settings.to_dict(), "trainable": _trainable_state(run),
-                     "optimizer": run.optimizer.state_dict(), "rng": rng, "record": run.record}, out / CHECKPOINT_FILE)
+    """The checkpoint to resume from (`resume.save_checkpoint`): each rank's shard, plus step, settings, record."""
+    progress = {"step": run.step, "settings": run.settings.to_dict(), "record": run.record}
+    save_checkpoint(out, run.model, run.optimizer, progress, run.world)
 
 
 def load_state(run: Run, out: Path) -> None:
-    """Continue from `out/checkpoint.pt`: the same settings, then weights, optimiser, step, record, random state."""
-    path = out / CHECKPOINT_FILE
-    if not path.is_file():
-        raise PaliGemmaError(f"nothing to resume: {path} not found")
-    try:
-        state = torch.load(path, map_location=run.model.device, weights_only=False)
-    except Exception as error:  # a truncated or foreign file: name it rather than show pickle's traceback
-        raise PaliGemmaError(f"{path} is not a readable checkpoint: {type(error).__name__}: {error}") from None
-    if state.get("settings") != run.settings.to_dict():
-        changed = sorted(k for k, v in run.settings.to_dict().items() if state.get("settings", {}).get(k) != v)
-        raise PaliGemmaError(f"cannot resume {path} with different settings: {', '.join(changed)}")
-    parameters = dict(run.model.named_parameters())
-    if set(state["trainable"]) != {n for n, p in parameters.items() if p.requires_grad}:
-        raise PaliGemmaError(f"{path} holds other trainable weights than this run's model")
-    with torch.no_grad():
-        for name, tensor in state["trainable"].items():
-            parameters[name].copy_(tensor)
-    run.optimizer.load_state_dict(state["optimizer"])
-    run.step, run.record = state["step"], state["record"]
-    torch.set_rng_state(state["rng"]["cpu"])
-    if "cuda" in state["rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    """Continue from the last checkpoint in `out`, written by any number of processes: the same settings, then
+    weights, optimiser state, step and record."""
+    folder = latest_checkpoint(out)
+    if folder is None:
+        raise PaliGemmaError(f"nothing to resume: no checkpoint in {out}")
+    progress = read_progress(folder)
+    if progress.get("settings") != run.settings.to_dict():
+        changed = sorted(k for k, v in run.settings.to_dict().items() if progress.get("settings", {}).get(k) != v)
+        raise PaliGemmaError(f"cannot resume {folder} with different settings: {', '.join(changed)}")
+    load_checkpoint(folder, run.model, run.optimizer)
+    run.step, saved = progress["step"], progress["record"]
+    run.record = {**saved, "distributed": run.record["distributed"], "device": run.record["device"]}
+
+
+def _unsharded_copy(run: Run) -> PaliGemmaForConditionalGeneration | None:
+    """The whole model on rank 0 (None elsewhere). Under FSDP every rank sends its shards to rank 0's CPU memory,
+    where they are assigned into an empty model of the same structure; otherwise the model is already whole."""
+    if run.distributed is None or run.distributed.strategy != "fsdp":
+        return run.model if run.world.is_main else None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(run.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not run.world.is_main:
+        return None
+    model = empty_model(run.model.config)
+    select_trainable(model, run.settings.method, run.settings.lora_settings(), seed=run.settings.seed)
+    model.load_state_dict(state, assign=True, strict=True)
+    if model.config.text_config.tie_word_embeddings:
+        model.language_model.tie_weights()
+    return model
 
 
 def save_results(run: Run, out: Path) -> None:
-    """The adapter (LoRA), then the merged model in the base checkpoint's layout, with its tokenizer."""
-    model = run.model
+    """The adapter (LoRA), then the merged model in the base checkpoint's layout, with its tokenizer; one folder,
+    written by rank 0."""
+    model = _unsharded_copy(run)
+    if model is None:
+        return
     if run.settings.method == "lora":
         save_adapter(model, out / "adapter", base_model_name_or_path=run.record["model"])
         merge_lora(model)
@@ -282,7 +335,7 @@ def save_results(run: Run, out: Path) -> None:
 def _writable(out: Path) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
+        probe = out / f".write-test-{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as error:
@@ -294,24 +347,29 @@ def _writable(out: Path) -> None:
 
 def finetune(model_path: str | Path, train_file: str | Path, out: str | Path, settings: FinetuneSettings,
              eval_file: str | Path | None = None, device: str = "cpu", resume: bool = False,
-             log: Callable[[str], None] | None = print, progress: bool | None = None) -> dict:
-    """Fine-tune `model_path` on `train_file`, evaluating on `eval_file`, into `out`; returns the record."""
+             log: Callable[[str], None] | None = print, progress: bool | None = None,
+             world: World = World(), distributed: DistributedSettings | None = None) -> dict:
+    """Fine-tune `model_path` on `train_file`, evaluating on `eval_file`, into `out`; returns the record.
+
+    On several processes pass this rank's `world` (`distributed.join_group`) and `distributed`; messages and the
+    progress bar then come from rank 0 only.
+    """
     out = Path(out)
     resolve_checkpoint(model_path)  # a missing model is named before the data is read
-    if not resume and (out / CHECKPOINT_FILE).exists():
+    if not resume and latest_checkpoint(out) is not None:
         raise PaliGemmaError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
-    run = prepare_run(model_path, train_file, settings, eval_file, device)
+    run = prepare_run(model_path, train_file, settings, eval_file, device, world, distributed)
     _writable(out)
-    say = log or (lambda message: None)
+    say = (log or (lambda message: None)) if world.is_main else (lambda message: None)
     try:
         if resume:
             load_state(run, out)
             say(f"resuming from step {run.step}")
-        else:
-            torch.manual_seed(settings.seed)  # dropout's draws: the same run gives the same weights in any process
-        _train(run, out, say, progress)
+        _train(run, out, say, progress if world.is_main else False)
         save_results(run, out)
-        write_json(out / RECORD_FILE, run.record)
+        if world.is_main:
+            write_json(out / RECORD_FILE, run.record)
+        world.barrier()
     except OSError as error:
         if error.errno == errno.ENOSPC:
             raise PaliGemmaError(f"no space left on the device while writing {error.filename or out}") from None
@@ -320,7 +378,7 @@ def finetune(model_path: str | Path, train_file: str | Path, out: str | Path, se
 
 
 def _train(run: Run, out: Path, say: Callable[[str], None], progress: bool | None) -> None:
-    settings, record = run.settings, run.record
+    settings, record, world = run.settings, run.record, run.world
     started = time.monotonic() - record.get("train_seconds", 0.0)
     losses = {}
 
@@ -331,19 +389,22 @@ def _train(run: Run, out: Path, say: Callable[[str], None], progress: bool | Non
 
     steps = optimisation_steps(run.optimizer, run.trainable, settings.learning_rate_at, compute_loss, settings.steps,
                                settings.grad_clip, start=run.step, description=f"fine-tuning ({settings.method})",
-                               accumulation=settings.grad_accumulation, progress=progress)
+                               accumulation=settings.grad_accumulation, progress=progress,
+                               combine=lambda loss: world.sum(loss) / world.size)
     for run.step, loss, lr in steps:
-        record["history"].append({"step": run.step, "loss": round(loss.item(), 5), "lr": lr})
+        record["history"].append({"step": run.step, "loss": round(loss, 5), "lr": lr})
         if run.held_out and (run.step % settings.eval_every == 0 or run.step == settings.steps):
             paused = time.monotonic()
             evaluation = evaluate_run(run)
             started += time.monotonic() - paused  # training time leaves the evaluations out
             record["evaluations"].append(evaluation)
-            say(f"step {run.step}: loss {loss.item():.4f}, held-out loss {evaluation['held_out_loss']:.4f}, "
+            say(f"step {run.step}: loss {loss:.4f}, held-out loss {evaluation['held_out_loss']:.4f}, "
                 f"score {evaluation['score']:.3f}")
         record["train_seconds"] = round(time.monotonic() - started, 2)
         kind, peak = peak_memory_gb(run.model.device)
-        record["peak_memory"] = {"kind": kind, "gb": round(peak, 3)}
+        peaks = world.gather(round(peak, 3))
+        record["peak_memory"] = {"kind": kind, "gb": max(peaks)} | ({"per_rank_gb": peaks} if world.size > 1 else {})
         if run.step % settings.checkpoint_every == 0 or run.step == settings.steps:
             save_state(run, out)
-            write_json(out / RECORD_FILE, record)
+            if world.is_main:
+                write_json(out / RECORD_FILE, record)

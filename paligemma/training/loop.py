@@ -42,13 +42,15 @@ def optimisation_steps(
     description: str = "training",
     accumulation: int = 1,
     progress: bool | None = None,
-) -> Iterator[tuple[int, torch.Tensor, float]]:
+    combine: Callable[[float], float] = float,
+) -> Iterator[tuple[int, float, float]]:
     """Steps `start` .. `total_steps - 1`; yields (steps done, loss, learning rate) after each optimiser step.
 
     Each step sets every parameter group's learning rate to `schedule(step)`, clears the old gradients, and for
     each of its `accumulation` micro-batches computes that share of the loss and backpropagates it, so gradients
     add up to those of the whole batch; then it clips their norm over `parameters` to `grad_clip` and steps the
     optimiser. A progress bar (tqdm; by default only when stderr is a terminal) shows the loss and learning rate.
+    `combine` turns this process's loss into the step's (on several processes, the mean over them).
     """
     parameters = list(parameters)
     with tqdm(total=total_steps, initial=start, desc=description, disable=None if progress is None else not progress,
@@ -63,11 +65,12 @@ def optimisation_steps(
                 share = compute_loss(micro)
                 share.backward()
                 loss = loss + share.detach().float().cpu()
-            torch.nn.utils.clip_grad_norm_(parameters, grad_clip)
+            torch.nn.utils.clip_grad_norm_(parameters, grad_clip)  # under FSDP, the norm over every rank's shard
             optimizer.step()
-            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}", refresh=False)
+            value = combine(loss.item())
+            bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}", refresh=False)
             bar.update(1)
-            yield step + 1, loss, lr
+            yield step + 1, value, lr
 
 
 def save_atomically(state: dict[str, Any], path: str | Path) -> None:

@@ -231,7 +231,7 @@ def pretrain_vision(model: PaliGemmaForConditionalGeneration, settings: TrainSet
     for step, loss, lr in optimisation_steps(optimizer, tower.parameters(), lambda s: learning_rate_at(s, schedule),
                                              compute_loss, settings.vision_steps, settings.grad_clip,
                                              description="vision stage"):
-        history.append({"step": step, "loss": round(loss.item(), 5), "lr": lr,
+        history.append({"step": step, "loss": round(loss, 5), "lr": lr,
                         "patch_accuracy": round(measured["right"].item(), 4),
                         "box_error": round(measured["box"].item() / 4 * settings.image_size, 3)})  # px per edge
     if settings.vision_steps:
@@ -332,7 +332,7 @@ def train(out: str | Path, settings: TrainSettings, log=print) -> dict:
 
     for step, loss, lr in optimisation_steps(optimizer, model.parameters(), lambda s: learning_rate_at(s, settings),
                                              compute_loss, settings.steps, settings.grad_clip, start=step):
-        history.append({"step": step, "loss": round(loss.item(), 5), "lr": lr})
+        history.append({"step": step, "loss": round(loss, 5), "lr": lr})
         if step % settings.eval_every == 0 or step == settings.steps:
             evaluation_started = time.monotonic()
             held = held_out_loss(model, processor, held_out, settings.device)
@@ -340,7 +340,7 @@ def train(out: str | Path, settings: TrainSettings, log=print) -> dict:
             started += time.monotonic() - evaluation_started  # report training time without the evaluations
             history[-1].update(held_out_loss=round(held, 5), minutes=round((time.monotonic() - started) / 60, 2),
                                **{k: round(v, 4) for k, v in metrics.items() if not k.endswith("_examples")})
-            log(f"step {step}: train loss {loss.item():.4f}, held-out loss {held:.4f}, "
+            log(f"step {step}: train loss {loss:.4f}, held-out loss {held:.4f}, "
                 + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items() if not k.endswith("_examples")))
         if step % settings.checkpoint_every == 0 or step == settings.steps:
             save_atomically({"model": model.state_dict(), "optimizer": optimizer.state_dict(),

@@ -17,6 +17,7 @@ from ..io.processor import PaliGemmaProcessor
 from ..models.paligemma import PaliGemmaForConditionalGeneration
 from ..tasks.locations import BINS, box_iou, parse_locations
 from .data import FinetuneExample, collate
+from .distributed import World, rank_share
 
 
 def is_box_answer(answer: str) -> bool:
@@ -56,6 +57,18 @@ def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+def _rank_chunks(examples: Sequence[FinetuneExample], batch_size: int, world: World
+                 ) -> list[tuple[list[FinetuneExample], int]]:
+    """This rank's batches, each with how many of its examples count: every rank takes its share of each run of
+    `batch_size x ranks` examples, so all ranks run the same number of batches; a rank whose share of the last run
+    is empty repeats an example there and counts none of it (under FSDP every rank must join every forward)."""
+    chunks = []
+    for start in range(0, len(examples), batch_size * world.size):
+        share = rank_share(examples[start:start + batch_size * world.size], world.rank, world.size)
+        chunks.append((share, len(share)) if share else ([examples[start]], 0))
+    return chunks
+
+
 @torch.no_grad()
 def evaluate_examples(
     model: PaliGemmaForConditionalGeneration,
@@ -63,29 +76,34 @@ def evaluate_examples(
     examples: Sequence[FinetuneExample],
     batch_size: int = 16,
     autocast: torch.autocast | None = None,
+    world: World = World(),
 ) -> Evaluation:
-    """The held-out loss (mean over answer tokens) and greedy answers scored against the suffixes."""
+    """The held-out loss (mean over answer tokens) and greedy answers scored against the suffixes.
+
+    On several processes each rank scores its share of the examples and every rank returns the whole evaluation.
+    """
     was_training = model.training
     model.eval()
     device = model.device
-    loss_sum, tokens, scores, texts = 0.0, 0, [], []
+    loss_sum, tokens, texts = 0.0, 0, []
     longest = max(len(processor.tokenizer.encode(e.suffix)) for e in examples) + 1  # the answer and its <eos>
-    for start in range(0, len(examples), batch_size):
-        chunk = examples[start:start + batch_size]
+    for chunk, counted in _rank_chunks(examples, batch_size, world):
         with autocast or torch.autocast(device.type, enabled=False):
             batch = {k: v.to(device) for k, v in collate(processor, chunk).items()}
-            count = int((batch["labels"][:, 1:] != -100).sum())
+            count = int((batch["labels"][:, 1:] != -100).sum()) if counted else 0
             loss_sum += float(model(**batch, return_logits=False).loss) * count
             tokens += count
             prompts = {k: v.to(device) for k, v in collate(processor, chunk, with_suffix=False).items()}
-            room = model.config.text_config.max_position_embeddings - prompts["input_ids"].shape[1]
-            ids = generate_ids(model, prompts, GenerationSettings(max_new_tokens=min(longest, room)))
-        for example, row in zip(chunk, ids.tolist()):
-            eos = processor.tokenizer.eos_id
-            answer = processor.decode(row[:row.index(eos)] if eos in row else row)
-            texts.append(answer)
-            scores.append(answer_score(example.suffix, answer))
+            room = world.min(model.config.text_config.max_position_embeddings - prompts["input_ids"].shape[1])
+            ids = generate_ids(model, prompts, GenerationSettings(max_new_tokens=min(longest, room)),
+                               all_finished=lambda finished: world.all(bool(finished.all())))
+        eos = processor.tokenizer.eos_id
+        texts += [processor.decode(row[:row.index(eos)] if eos in row else row) for row in ids.tolist()[:counted]]
     model.train(was_training)
+    loss_sum, tokens = world.sum(loss_sum), world.sum(tokens)
+    texts = [text for part in world.gather(texts) for text in part]
+    texts = _in_example_order(texts, len(examples), batch_size, world.size)
+    scores = [answer_score(example.suffix, text) for example, text in zip(examples, texts)]
     boxes = [is_box_answer(e.suffix) for e in examples]
     return Evaluation(
         loss=loss_sum / max(tokens, 1),
@@ -95,3 +113,16 @@ def evaluate_examples(
         examples=len(examples),
         answers=texts,
     )
+
+
+def _in_example_order(texts: list[str], count: int, batch_size: int, ranks: int) -> list[str]:
+    """Answers gathered rank by rank back in the examples' order (undoing `_rank_chunks`' split)."""
+    if ranks == 1:
+        return texts
+    positions = [position for rank in range(ranks)
+                 for start in range(0, count, batch_size * ranks)
+                 for position in rank_share(range(start, min(start + batch_size * ranks, count)), rank, ranks)]
+    ordered = [""] * count
+    for position, text in zip(positions, texts):
+        ordered[position] = text
+    return ordered
