@@ -174,6 +174,18 @@ def test_two_processes_take_the_steps_of_one(runs, method, strategy):
     assert sorted(path.name for path in (ours / "checkpoint").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
 
 
+def test_fsdp_runs_with_bf16_checkpointed_layers_kept_gathered(data, tmp_path):
+    """The memory options together: bf16 compute (fp32 reduction), activation checkpointing applied before
+    sharding, and layers kept gathered from forward to backward. bf16 is not fp32, so this checks that the run
+    learns (its loss falls), not equality."""
+    out = tmp_path / "bf16"
+    succeeded(launch(out, data, "full", 2, "--distributed", "fsdp", "--precision", "bf16",
+                     "--activation-checkpointing", "--no-reshard-after-forward"))
+    losses = [h["loss"] for h in record(out)["history"]]
+    assert record(out)["distributed"]["reshard_after_forward"] is False
+    assert losses[-1] < losses[0] - 1.0, losses
+
+
 # --- resuming on another number of processes, and after a lost rank --------------------------------------------------
 
 
@@ -234,3 +246,7 @@ def test_distributed_without_torchrun_and_torchrun_without_distributed_are_refus
            "--distributed fsdp" in several.stderr
     offload = launch(tmp_path / "offload", data, "lora", 1, "--cpu-offload")
     assert offload.returncode == 2 and "need --distributed fsdp" in offload.stderr
+    on_cpu = launch(tmp_path / "offload-on-cpu", data, "lora", 2, "--distributed", "fsdp", "--cpu-offload",
+                    "--device", "cpu")
+    assert "error: rank 0 of 2: --cpu-offload keeps the shards in CPU memory while a GPU computes: it needs " \
+           "--device cuda" in on_cpu.stderr

@@ -190,6 +190,9 @@ def prepare_run(model_path: str | Path, train_file: str | Path, settings: Finetu
     replicate it over `world` (with `distributed`), and build the optimiser. Writes nothing."""
     check_micro_batches(settings, world)
     device = parse_device(device)
+    if distributed is not None and distributed.cpu_offload and device.type != "cuda":
+        raise PaliGemmaError("--cpu-offload keeps the shards in CPU memory while a GPU computes: it needs "
+                             "--device cuda")
     saved_dtype = read_config(resolve_checkpoint(model_path) / CONFIG_FILE).dtype or "float32"  # saved in it again
     model, processor = load_pretrained(model_path, device=device, dtype=torch.float32, accelerate=False)
     train = read_examples(train_file, processor)
