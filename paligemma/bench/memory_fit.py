@@ -49,13 +49,13 @@ def at_resolution(preset: str, resolution: int) -> PaliGemmaConfig:
     return PaliGemmaConfig.from_dict(values)
 
 
-def recipe(model: nn.Module, method: str) -> None:
-    """The fine-tuning recipe at bf16 precision: choose what trains, keep the frozen weights in bf16."""
+def recipe(model: nn.Module, method: str, precision: str = "bf16") -> None:
+    """The fine-tuning recipe: choose what trains; at bf16 precision, keep the frozen weights in bf16."""
     from ..training.methods import select_trainable
 
     select_trainable(model, method)
     for parameter in model.parameters():
-        if not parameter.requires_grad:
+        if not parameter.requires_grad and precision == "bf16":
             parameter.data = parameter.data.to(torch.bfloat16)
 
 
@@ -90,16 +90,19 @@ SMALL_IMAGES = (56, 112, 168)  # measured at these image sizes (16, 64, 144 imag
 CHECK_IMAGE = 224  # and once at a real one, to check the extrapolation
 
 
-def saved_bytes(config: PaliGemmaConfig, method: str, checkpointing: bool) -> dict[str, int]:
+def saved_bytes(config: PaliGemmaConfig, method: str, checkpointing: bool, precision: str = "bf16"
+                ) -> dict[str, int]:
     """`measure_saved_bytes` in a process of its own, so that each model's memory goes back with it."""
     context = multiprocessing.get_context("spawn")  # a fork would inherit OpenMP threads that are gone
     with context.Pool(1) as pool:
-        return pool.apply(measure_saved_bytes, (config, method, checkpointing))
+        return pool.apply(measure_saved_bytes, (config, method, checkpointing, precision))
 
 
-def measure_saved_bytes(config: PaliGemmaConfig, method: str, checkpointing: bool) -> dict[str, int]:
+def measure_saved_bytes(config: PaliGemmaConfig, method: str, checkpointing: bool, precision: str = "bf16"
+                        ) -> dict[str, int]:
     """What autograd keeps for the backward pass of one forward at batch 1, in bytes: `activations`, and `casts`
-    (the bf16 copies of fp32 weights that autocast makes once per forward, whatever the batch). Parameters aside."""
+    (the bf16 copies of fp32 weights that autocast makes once per forward, whatever the batch). Parameters aside.
+    `precision` "fp32" measures the fp32 run instead: no autocast, frozen weights in fp32."""
     from .finetune_step import training_batch
 
     model = empty_model(config).to_empty(device="cpu")  # the values do not change the bytes: skip initialising
@@ -107,7 +110,7 @@ def measure_saved_bytes(config: PaliGemmaConfig, method: str, checkpointing: boo
         for parameter in model.parameters():
             parameter.fill_(0.01)
     model.language_model.tie_weights()
-    recipe(model, method)
+    recipe(model, method, precision)
     model.train()
     parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
     weight_shapes = {tuple(p.shape) for p in model.parameters()} | {tuple(p.shape)[::-1] for p in model.parameters()}
@@ -130,10 +133,13 @@ def measure_saved_bytes(config: PaliGemmaConfig, method: str, checkpointing: boo
             kept[kind][storage.data_ptr()] = storage.nbytes()
         return tensor
 
+    batch = training_batch(config, TEXT_TOKENS)
+    if precision == "fp32":
+        batch["pixel_values"] = batch["pixel_values"].float()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
             # the loss holds the graph: no saved storage is freed, reused and counted twice before the count
-            loss = model(**training_batch(config, TEXT_TOKENS), return_logits=False).loss
+            loss = model(**batch, return_logits=False).loss
     del loss
     return {kind: sum(values.values()) for kind, values in kept.items()}
 
@@ -144,11 +150,12 @@ def with_depths(config: PaliGemmaConfig, vision: int, text: int, image_size: int
                    text_config=replace(config.text_config, num_hidden_layers=text))
 
 
-def layer_bytes(config: PaliGemmaConfig, method: str, checkpointing: bool, image_size: int) -> dict[str, dict]:
+def layer_bytes(config: PaliGemmaConfig, method: str, checkpointing: bool, image_size: int,
+                precision: str = "bf16") -> dict[str, dict]:
     """One vision layer's and one text layer's share, and the rest, from one-layer towers and a second layer in each."""
-    one = saved_bytes(with_depths(config, 1, 1, image_size), method, checkpointing)
-    two_vision = saved_bytes(with_depths(config, 2, 1, image_size), method, checkpointing)
-    two_text = saved_bytes(with_depths(config, 1, 2, image_size), method, checkpointing)
+    one = saved_bytes(with_depths(config, 1, 1, image_size), method, checkpointing, precision)
+    two_vision = saved_bytes(with_depths(config, 2, 1, image_size), method, checkpointing, precision)
+    two_text = saved_bytes(with_depths(config, 1, 2, image_size), method, checkpointing, precision)
     parts = {}
     for kind in one:
         vision, text = two_vision[kind] - one[kind], two_text[kind] - one[kind]
