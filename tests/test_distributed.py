@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -56,8 +57,15 @@ def launch(out: Path, data: dict[str, Path], method: str, processes: int, *extra
                    "--max-restarts", str(restarts), *program]
     command += ["--model", "tiny-shapes", "--train", str(data["train"]), "--eval", str(data["eval"]),
                 "--method", method, *SETTINGS, "--out", str(out), *extra]
-    return subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=300,
-                          env={**environment(), **(fault or {})})
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                               env={**environment(), **(fault or {})}, start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=300)
+    except subprocess.TimeoutExpired:  # a hang: stop torchrun and every worker it started, then fail
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        pytest.fail(f"the run did not finish in 300 s: {stderr[-2000:]}")
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
 def succeeded(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:

@@ -145,9 +145,11 @@ def measure_saved_bytes(config: PaliGemmaConfig, method: str, checkpointing: boo
 
 
 def with_depths(config: PaliGemmaConfig, vision: int, text: int, image_size: int) -> PaliGemmaConfig:
+    """The config with `vision` and `text` layers (Gemma 2's kinds of layer laid out again for that depth)."""
+    depth = {"num_hidden_layers": text} | ({"layer_types": None} if hasattr(config.text_config, "layer_types") else {})
     return replace(config, vision_config=replace(config.vision_config, num_hidden_layers=vision,
                                                  image_size=image_size),
-                   text_config=replace(config.text_config, num_hidden_layers=text))
+                   text_config=replace(config.text_config, **depth))
 
 
 def layer_bytes(config: PaliGemmaConfig, method: str, checkpointing: bool, image_size: int,

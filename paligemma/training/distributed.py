@@ -196,7 +196,7 @@ def replicate(model: nn.Module, device: str) -> nn.Module:
     from torch.nn.parallel import DistributedDataParallel
 
     device_ids = [torch.device(device).index] if device.startswith("cuda") else None
-    return DistributedDataParallel(model, device_ids=device_ids)
+    return DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=True)  # no second copy
 
 
 def sync_gradients(model: nn.Module, now: bool) -> None:
