@@ -114,13 +114,15 @@ def measure_saved_bytes(config: PaliGemmaConfig, method: str, checkpointing: boo
     model.train()
     parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
     weight_shapes = {tuple(p.shape) for p in model.parameters()} | {tuple(p.shape)[::-1] for p in model.parameters()}
-    kept: dict[str, dict[int, int]] = {"activations": {}, "casts": {}}
+    # Each storage counted once, and held until the count: a storage freed meanwhile could otherwise hand its address
+    # to another, which would then be taken for it (how many are freed depends on the allocator, not on the model).
+    kept: dict[str, dict[int, torch.UntypedStorage]] = {"activations": {}, "casts": {}}
     if checkpointing:  # a checkpointed layer keeps only its input (its own hooks hide the rest from ours)
         from torch.distributed._composable import checkpoint
 
         def keep_input(module: nn.Module, args: tuple) -> None:
             if args[0].requires_grad or any(p.requires_grad for p in module.parameters()):  # else nothing to redo
-                kept["activations"][args[0].untyped_storage().data_ptr()] = args[0].untyped_storage().nbytes()
+                kept["activations"][args[0].untyped_storage().data_ptr()] = args[0].untyped_storage()
 
         for layer in [*model.vision_tower.encoder.layers, *model.language_model.layers]:
             layer.register_forward_pre_hook(keep_input)
@@ -130,7 +132,7 @@ def measure_saved_bytes(config: PaliGemmaConfig, method: str, checkpointing: boo
         storage = tensor.untyped_storage()
         if storage.data_ptr() not in parameters:
             kind = "casts" if tuple(tensor.shape) in weight_shapes else "activations"
-            kept[kind][storage.data_ptr()] = storage.nbytes()
+            kept[kind][storage.data_ptr()] = storage
         return tensor
 
     batch = training_batch(config, TEXT_TOKENS)
@@ -141,7 +143,7 @@ def measure_saved_bytes(config: PaliGemmaConfig, method: str, checkpointing: boo
             # the loss holds the graph: no saved storage is freed, reused and counted twice before the count
             loss = model(**batch, return_logits=False).loss
     del loss
-    return {kind: sum(values.values()) for kind, values in kept.items()}
+    return {kind: sum(storage.nbytes() for storage in values.values()) for kind, values in kept.items()}
 
 
 def with_depths(config: PaliGemmaConfig, vision: int, text: int, image_size: int) -> PaliGemmaConfig:
