@@ -4,7 +4,7 @@
     python -m paligemma.bench.distributed_plan --check --json book/data/distributed_check.json
 
 For PaliGemma (3B) and PaliGemma 2 (3B, 10B, 28B) at 224, 448 and 896 pixels, full fine-tuning and LoRA, the
-memory of one GPU is split as:
+memory of one GPU is split as::
 
     weights        trainable in fp32 (4 bytes), frozen in bf16 (2): the `--precision bf16` recipe
     gradients      fp32, trainable only (4 bytes)

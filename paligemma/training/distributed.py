@@ -22,7 +22,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 from torch import nn
@@ -30,7 +30,6 @@ from torch import nn
 from ..errors import PaliGemmaError
 
 STRATEGIES = ("ddp", "fsdp")
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -85,7 +84,7 @@ class World:
         """Whether `flag` holds on every rank (a rank that is done must keep stepping until all are)."""
         return self.min(int(flag)) == 1
 
-    def gather(self, value: T) -> list[T]:
+    def gather(self, value: Any) -> list[Any]:
         """Every rank's `value` (any picklable object), in rank order, on every rank."""
         if not self.distributed:
             return [value]
@@ -160,7 +159,7 @@ def refuse_lone_torchrun_workers() -> None:
                              "pass --distributed ddp or --distributed fsdp")
 
 
-def rank_share(items: Sequence[T], rank: int, size: int) -> list[T]:
+def rank_share(items: Sequence[Any], rank: int, size: int) -> list[Any]:
     """Rank `rank`'s contiguous part of `items`: the parts are disjoint, cover `items`, and differ by at most one
     (the first `len(items) % size` ranks take one more)."""
     base, extra = divmod(len(items), size)
@@ -206,7 +205,7 @@ def sync_gradients(model: nn.Module, now: bool) -> None:
         model.set_requires_gradient_sync(now)
 
 
-def on_every_rank(world: World, work: Callable[[], T]) -> T:
+def on_every_rank(world: World, work: Callable[[], Any]) -> Any:
     """Run `work`; a failure on this rank is reported once, naming the rank, and ends this process with status 2
     (torchrun then stops the other ranks rather than leave them waiting in a collective)."""
     try:

@@ -8,8 +8,7 @@ writes into the output folder
     model/          the fine-tuned model, adapters merged, in the Hugging Face layout with its tokenizer
     adapter/        (LoRA) the adapter in PEFT's layout: adapter_config.json + adapter_model.safetensors
     record.json     the settings, the loss of every step, every evaluation, parameter counts, time and memory
-    checkpoint/     what `resume=True` continues from: trainable weights and optimiser state, step, record
-                    (`resume.py`: one shard per rank, and it resumes on any number of processes)
+    checkpoint/     what `resume=True` continues from, one shard per rank, on any number of processes (`resume`)
 
 The data is checked whole before anything is written. The loss is the prefix-LM loss on the answers only; the
 batches of each step follow from the seed and the step (`data.batch_indices`), and so do the random draws of
