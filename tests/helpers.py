@@ -18,6 +18,8 @@ import torch
 from PIL import Image
 from torch.testing import assert_close
 
+from paligemma.bench.distributed_plan import GEMMA2_SIZES
+
 TOL = dict(atol=1e-5, rtol=1e-5)  # float32 against transformers, or one computation against another in float32
 
 TOKENIZER_VOCAB = 1600
@@ -126,16 +128,6 @@ def real_paligemma_3b_224() -> dict:
             "vision_use_head": False,
         },
     }
-
-
-GEMMA2_SIZES = {  # the text configs of transformers' PaliGemma 2 conversion script (VARIANT_CONFIGS)
-    "3b": dict(hidden_size=2304, num_hidden_layers=26, intermediate_size=9216, num_attention_heads=8,
-               num_key_value_heads=4, head_dim=256, query_pre_attn_scalar=256),
-    "10b": dict(hidden_size=3584, num_hidden_layers=42, intermediate_size=14336, num_attention_heads=16,
-                num_key_value_heads=8, head_dim=256, query_pre_attn_scalar=256),
-    "28b": dict(hidden_size=4608, num_hidden_layers=46, intermediate_size=36864, num_attention_heads=32,
-                num_key_value_heads=16, head_dim=128, query_pre_attn_scalar=144),
-}
 
 
 def real_paligemma2_config(size: str, resolution: int) -> dict:

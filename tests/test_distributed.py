@@ -96,9 +96,10 @@ def runs(tmp_path_factory, data):
     return get
 
 
-def weights(out: Path) -> dict[str, torch.Tensor]:
-    return {name: tensor.float() for name, tensor in load_pretrained(out / "model", accelerate=False)[0].state_dict()
-            .items()}
+def weights(out: Path | str) -> dict[str, torch.Tensor]:
+    """A run's fine-tuned model (`out/model`), or a model by name, as fp32 tensors by name."""
+    folder = out / "model" if isinstance(out, Path) else out
+    return {name: tensor.float() for name, tensor in load_pretrained(folder, accelerate=False)[0].state_dict().items()}
 
 
 def record(out: Path) -> dict:
@@ -120,15 +121,10 @@ def assert_same_run(method: str, ours: Path, reference: Path) -> None:
         worst = max((after[n] - expected_after[n]).abs().max().item() for n in after)
         assert worst <= LORA_TOLERANCE, worst
     else:
-        before = weights_of_base()
+        before = weights("tiny-shapes")
         difference = sum(((after[n] - expected_after[n]) ** 2).sum() for n in after).sqrt()
         update = sum(((expected_after[n] - before[n]) ** 2).sum() for n in after).sqrt()
         assert difference / update <= FULL_RELATIVE_TOLERANCE, (difference / update).item()
-
-
-def weights_of_base() -> dict[str, torch.Tensor]:
-    return {name: tensor.float() for name, tensor in load_pretrained("tiny-shapes", accelerate=False)[0].state_dict()
-            .items()}
 
 
 # --- the data each rank reads ----------------------------------------------------------------------------------------

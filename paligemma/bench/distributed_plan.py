@@ -57,13 +57,14 @@ LAYOUTS = {"DDP": 1, "FSDP 8 GPUs": 8, "FSDP 2 nodes x 8": 16}  # how many shard
 
 _SO400M = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16, patch_size=14,
                vision_use_head=False)
-# PaliGemma 2's decoders are Gemma 2 2B, 9B and 27B, as transformers' conversion script builds them.
-_GEMMA2 = {
-    "3B": dict(hidden_size=2304, intermediate_size=9216, num_hidden_layers=26, num_attention_heads=8,
+# PaliGemma 2's decoders are Gemma 2 2B, 9B and 27B, as transformers' conversion script builds them
+# (its VARIANT_CONFIGS); the tests build their full-size PaliGemma 2 configs from these too.
+GEMMA2_SIZES = {
+    "3b": dict(hidden_size=2304, intermediate_size=9216, num_hidden_layers=26, num_attention_heads=8,
                num_key_value_heads=4, head_dim=256, query_pre_attn_scalar=256),
-    "10B": dict(hidden_size=3584, intermediate_size=14336, num_hidden_layers=42, num_attention_heads=16,
+    "10b": dict(hidden_size=3584, intermediate_size=14336, num_hidden_layers=42, num_attention_heads=16,
                 num_key_value_heads=8, head_dim=256, query_pre_attn_scalar=256),
-    "28B": dict(hidden_size=4608, intermediate_size=36864, num_hidden_layers=46, num_attention_heads=32,
+    "28b": dict(hidden_size=4608, intermediate_size=36864, num_hidden_layers=46, num_attention_heads=32,
                 num_key_value_heads=16, head_dim=128, query_pre_attn_scalar=144),
 }
 
@@ -73,7 +74,7 @@ def model_config(name: str, resolution: int) -> PaliGemmaConfig:
     if name == "PaliGemma 3B":
         values = json.loads(json.dumps(PRESETS["3b-224"]))
     else:
-        text = _GEMMA2[name.removeprefix("PaliGemma 2 ")]
+        text = GEMMA2_SIZES[name.removeprefix("PaliGemma 2 ").lower()]
         values = dict(vision_config={**_SO400M, "projection_dim": text["hidden_size"]},
                       text_config={**text, "model_type": "gemma2", "vocab_size": 257152},
                       image_token_index=257152, projection_dim=text["hidden_size"], vocab_size=257152)
@@ -191,6 +192,7 @@ def plan(models: tuple[str, ...] = MODELS, resolutions: tuple[int, ...] = RESOLU
                         per_gpu = max(0, math.floor(room / kept["per_example"]))
                         layouts[layout] = {"bytes": {k: round(v) for k, v in parts.items()},
                                            "static_gib": round(fixed / GIB, 2), "batch_per_gpu": per_gpu,
+                                           # DDP's memory per GPU is the same on any number: say 8
                                            "gpus": shards if shards > 1 else 8,
                                            "global_batch": per_gpu * (shards if shards > 1 else 8)}
                     rows.append({"model": name, "resolution": resolution, "method": method,

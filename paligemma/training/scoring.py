@@ -58,14 +58,16 @@ def _mean(values: list[float]) -> float | None:
 
 
 def _rank_chunks(examples: Sequence[FinetuneExample], batch_size: int, world: World
-                 ) -> list[tuple[list[FinetuneExample], int]]:
-    """This rank's batches, each with how many of its examples count: every rank takes its share of each run of
-    `batch_size x ranks` examples, so all ranks run the same number of batches; a rank whose share of the last run
-    is empty repeats an example there and counts none of it (under FSDP every rank must join every forward)."""
+                 ) -> list[tuple[list[FinetuneExample], list[int]]]:
+    """This rank's batches, each with the positions (in `examples`) of the examples that count: every rank takes its
+    share of each run of `batch_size x ranks` examples, so all ranks run the same number of batches; a rank whose
+    share of the last run is empty repeats an example there and counts none of it (under FSDP every rank must join
+    every forward)."""
     chunks = []
     for start in range(0, len(examples), batch_size * world.size):
-        share = rank_share(examples[start:start + batch_size * world.size], world.rank, world.size)
-        chunks.append((share, len(share)) if share else ([examples[start]], 0))
+        positions = rank_share(range(start, min(start + batch_size * world.size, len(examples))), world.rank,
+                               world.size)
+        chunks.append(([examples[i] for i in positions], positions) if positions else ([examples[start]], []))
     return chunks
 
 
@@ -87,7 +89,8 @@ def evaluate_examples(
     device = model.device
     loss_sum, tokens, texts = 0.0, 0, []
     longest = max(len(processor.tokenizer.encode(e.suffix)) for e in examples) + 1  # the answer and its <eos>
-    for chunk, counted in _rank_chunks(examples, batch_size, world):
+    for chunk, positions in _rank_chunks(examples, batch_size, world):
+        counted = len(positions)
         with autocast or torch.autocast(device.type, enabled=False):
             batch = {k: v.to(device) for k, v in collate(processor, chunk).items()}
             count = int((batch["labels"][:, 1:] != -100).sum()) if counted else 0
@@ -98,11 +101,11 @@ def evaluate_examples(
             ids = generate_ids(model, prompts, GenerationSettings(max_new_tokens=min(longest, room)),
                                all_finished=lambda finished: world.all(bool(finished.all())))
         eos = processor.tokenizer.eos_id
-        texts += [processor.decode(row[:row.index(eos)] if eos in row else row) for row in ids.tolist()[:counted]]
+        texts += [(position, processor.decode(row[:row.index(eos)] if eos in row else row))
+                  for position, row in zip(positions, ids.tolist())]
     model.train(was_training)
     loss_sum, tokens = world.sum(loss_sum), world.sum(tokens)
-    texts = [text for part in world.gather(texts) for text in part]
-    texts = _in_example_order(texts, len(examples), batch_size, world.size)
+    texts = [text for _, text in sorted(pair for part in world.gather(texts) for pair in part)]  # examples' order
     scores = [answer_score(example.suffix, text) for example, text in zip(examples, texts)]
     boxes = [is_box_answer(e.suffix) for e in examples]
     return Evaluation(
@@ -113,16 +116,3 @@ def evaluate_examples(
         examples=len(examples),
         answers=texts,
     )
-
-
-def _in_example_order(texts: list[str], count: int, batch_size: int, ranks: int) -> list[str]:
-    """Answers gathered rank by rank back in the examples' order (undoing `_rank_chunks`' split)."""
-    if ranks == 1:
-        return texts
-    positions = [position for rank in range(ranks)
-                 for start in range(0, count, batch_size * ranks)
-                 for position in rank_share(range(start, min(start + batch_size * ranks, count)), rank, ranks)]
-    ordered = [""] * count
-    for position, text in zip(positions, texts):
-        ordered[position] = text
-    return ordered
