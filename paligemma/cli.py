@@ -9,6 +9,7 @@
     paligemma bench --preset small                                        # this library against transformers
     paligemma attention score --scenes 200                                # does the answer look at the shape?
     paligemma attention plot --image images/shapes_1.png --prompt "caption en" --out maps.png
+    paligemma attention export --image images/shapes_1.png --prompt "caption en" --out maps.json --html maps.html
 
 `python -m paligemma` is the same program, and with no subcommand it asks (`python -m paligemma --image ... --prompt
 ...`). Bad input ends the program with `error: <what is wrong>` on one line and exit status 2.
@@ -306,8 +307,8 @@ def _reduction(text: str) -> str | int:
 def _add_attention(commands: argparse._SubParsersAction) -> None:
     from .interpret.localisation import LOCALISATION_SEED
 
-    attention = commands.add_parser("attention", help="attention maps: the localisation score, or plots",
-                                    description="Where PaliGemma looks: score or draw its attention maps.")
+    attention = commands.add_parser("attention", help="attention maps: the localisation score, plots, or an export",
+                                    description="Where PaliGemma looks: score, draw or export its attention maps.")
     jobs = attention.add_subparsers(dest="job", required=True)
     score = jobs.add_parser("score", help="measure whether the answer looks at the asked shape (shapes world)")
     score.add_argument("--scenes", type=int, default=200, help="colour questions to ask (default 200)")
@@ -317,17 +318,31 @@ def _add_attention(commands: argparse._SubParsersAction) -> None:
     plot.add_argument("--prompt", required=True)
     plot.add_argument("--out", required=True, help="PNG file to write")
     plot.add_argument("--max-new-tokens", type=int, default=8)
-    for job in (score, plot):
+    export = jobs.add_parser(
+        "export", help="capture the maps of images and prompts into one file for the browser viewer",
+        description="Capture every image with every prompt, and write the maps the attention viewer shows (8-bit, "
+                    "one maximum a row) into one JSON file; --html also writes a page with the viewer.")
+    export.add_argument("--image", required=True, action="append", help="an image file (repeat for several)")
+    export.add_argument("--prompt", required=True, action="append", help="a prompt (repeat for several)")
+    export.add_argument("--out", required=True, help="JSON file to write")
+    export.add_argument("--html", help="also write a self-contained HTML page with the viewer")
+    export.add_argument("--max-new-tokens", type=int, default=16)
+    export.add_argument("--no-siglip-layers", action="store_true",
+                        help="leave out SigLIP's per-layer maps (layers x patches^2 bytes; the rollout stays)")
+    for job in (score, plot, export):
         job.add_argument("--model", default="tiny-shapes", help="checkpoint folder or shipped name")
+        job.add_argument("--device", default="cpu")
+    for job in (score, plot):
         job.add_argument("--layers", default="-1", help="'mean', 'max' or a decoder layer (default -1, the last)")
         job.add_argument("--heads", default="mean", help="'mean', 'max' or a head (default mean)")
-        job.add_argument("--device", default="cpu")
     attention.set_defaults(run=_attention)
 
 
 def _attention(args: argparse.Namespace) -> int:
     from .io.checkpoint import load_pretrained
 
+    if args.job == "export":
+        return _attention_export(args)
     model, processor = load_pretrained(args.model, device=args.device)
     layers, heads = _reduction(args.layers), _reduction(args.heads)
     if args.job == "score":
@@ -344,6 +359,32 @@ def _attention(args: argparse.Namespace) -> int:
     maps = attention_maps(model, processor, args.image, args.prompt, max_new_tokens=args.max_new_tokens)
     plot_tokens(maps, layers=layers, heads=heads).savefig(args.out, dpi=120, bbox_inches="tight")
     print(f"{maps.text!r}: {len(maps.tokens)} maps written to {args.out}")
+    return 0
+
+
+def _attention_export(args: argparse.Namespace) -> int:
+    from .interpret.capture import attention_maps
+    from .interpret.export import export_attention, write_attention_export
+    from .io.checkpoint import load_pretrained
+
+    for option in (args.out, args.html):
+        if option and not Path(option).resolve().parent.is_dir():
+            raise PaliGemmaError(f"cannot write {option}: its folder does not exist")
+    model, processor = load_pretrained(args.model, device=args.device)
+    records = []
+    for image in args.image:
+        for prompt in args.prompt:
+            maps = attention_maps(model, processor, image, prompt, max_new_tokens=args.max_new_tokens)
+            records.append(export_attention(maps, label=f"{Path(image).name}: {prompt}",
+                                            siglip_layers=not args.no_siglip_layers))
+            print(f"{Path(image).name}: {prompt!r} -> {maps.text!r}")
+    size = write_attention_export(args.out, records)
+    print(f"{len(records)} examples, {size / 1e3:.0f} kB (8-bit maps) written to {args.out}")
+    if args.html:
+        from .interpret.viewer import write_viewer_page
+
+        page = write_viewer_page(args.html, args.out)
+        print(f"viewer page, {page / 1e3:.0f} kB with its data, written to {args.html}")
     return 0
 
 

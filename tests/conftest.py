@@ -1,4 +1,5 @@
-"""Fixtures and hooks only: a tokenizer the project trains, and small random checkpoints written by transformers.
+"""Fixtures and hooks only: a tokenizer the project trains, small random checkpoints written by transformers, and
+headless Chromium.
 
 Everything is built once per test session in a temporary folder, from seeds, on the CPU, in float32. The plain
 helpers these fixtures use, and that tests import, are in helpers.py.
@@ -6,6 +7,8 @@ helpers these fixtures use, and that tests import, are in helpers.py.
 
 from __future__ import annotations
 
+import os
+import shutil
 import warnings
 from pathlib import Path
 
@@ -60,3 +63,38 @@ def pytest_terminal_summary(terminalreporter) -> None:
     terminalreporter.section("largest |difference| per numeric check (float32)")
     for name, diff in sorted(MEASURED.items()):
         terminalreporter.write_line(f"{diff:10.3e}  {name}")
+
+
+# Debian's chromium here; a GitHub runner's preinstalled Chrome and driver elsewhere.
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+CHROMEDRIVER = shutil.which("chromedriver") or (
+    os.path.join(os.environ["CHROMEWEBDRIVER"], "chromedriver") if os.environ.get("CHROMEWEBDRIVER") else None
+)
+
+
+@pytest.fixture(scope="session")
+def chromium():
+    """Headless Chromium through selenium, at 1280 x 1000, keeping every console message (`get_log("browser")`).
+
+    In CI it must be there (.ci/run installs Debian's chromium and chromium-driver); elsewhere the tests that need it
+    are skipped when it is not installed.
+    """
+    if not (CHROMIUM and CHROMEDRIVER):
+        if os.environ.get("CI"):
+            pytest.fail("chromium and chromedriver must be installed in CI (Debian packages chromium, chromium-driver)")
+        pytest.skip("chromium / chromedriver not installed")
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--allow-file-access-from-files", "--window-size=1280,1000"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(60)
+    driver.set_script_timeout(30)
+    yield driver
+    driver.quit()

@@ -8,7 +8,7 @@ The figures work for any grid: 8 x 8 for tiny-shapes, 16, 32 or 64 a side for Pa
 - `plot_heads`: a layers x heads grid of maps;
 - `plot_tokens`: a strip with one map per generated token ("where it looked when it said *red*").
 
-The interactive view is in `explorer`.
+The interactive view is the browser viewer in `viewer` (and `explorer` for new prompts with a kernel).
 """
 
 from __future__ import annotations
