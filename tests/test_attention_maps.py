@@ -299,7 +299,6 @@ def test_plots_for_every_grid(grid):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from paligemma.interpret.explorer import VIEWS, render
     from paligemma.interpret.plots import plot_heads, plot_tokens, show_map, upsample
 
     maps = synthetic_maps(grid, steps=3, vision_heads=3 if grid < 64 else 1)  # 64 x 64: 4096^2 weights a head
@@ -320,14 +319,10 @@ def test_plots_for_every_grid(grid):
                plot_heads(maps.vision[:, :, 0], maps.image, layers=[-1], shared_scale=True, mark=0),
                plot_tokens(maps), plot_tokens(maps, layers="mean", heads="max", through_vision=True, style="heat"),
                plot_tokens(maps, source="prompt", through_vision=True, steps=[0, 3])]
-    figures += [render(maps, view, layers, heads, 1 if view != VIEWS[4] else 0)
-                for view, layers, heads in zip(VIEWS, (-1, "mean", 0, 1, -1), ("mean", "max", 2, "mean", 0))]
     assert figures[3].axes[0].get_title() == "'red'"
     for figure in figures:
         figure.canvas.draw()
         plt.close(figure)
-    with pytest.raises(PaliGemmaError):
-        render(maps, "everything")
     with pytest.raises(PaliGemmaError):
         plot_heads(maps.generated[0], layers=[5])
     with pytest.raises(PaliGemmaError):
@@ -340,33 +335,6 @@ def test_plots_for_every_grid(grid):
     spotlight = show_map(values, maps.image, style="spotlight")
     assert len(spotlight.get_images()) == 1
     plt.close("all")
-
-
-def test_explorer(mqa_checkpoint):
-    """The widget builds without a browser, and every control redraws the figure."""
-    pytest.importorskip("ipywidgets")
-    matplotlib = pytest.importorskip("matplotlib")
-    matplotlib.use("Agg")
-    from paligemma.interpret.explorer import VIEWS, AttentionExplorer
-
-    directory, _ = mqa_checkpoint
-    model, processor = load_pretrained(directory)
-    explorer = AttentionExplorer(model, processor, {"noise": random_image(10), "other": random_image(6)},
-                                 ["caption en", "detect cat"], max_new_tokens=4)
-    first = explorer.figure
-    assert first is not None and "caption en" in first.get_suptitle()
-    explorer.item.value = 2
-    assert explorer.figure is not first and explorer.figure.axes[0].get_title().startswith("2:")
-    explorer.view.value = VIEWS[3]
-    siglip_layers = model.config.vision_config.num_hidden_layers
-    assert [v for _, v in explorer.layer.options][3:] == list(range(siglip_layers))
-    assert explorer.item.description == "patch" and len(explorer.item.options) == 16
-    explorer.head.value = 1
-    assert "heads 1" in explorer.figure.axes[0].get_title()
-    explorer.prompt.value = "detect cat"
-    assert "detect cat" in explorer.figure.get_suptitle()
-    assert len(explorer._captured) == 2
-
 
 def test_localisation_scoring_on_known_maps():
     """All attention in the box: hit and mass 1; uniform attention: mass equal to the box's area, the baseline."""
