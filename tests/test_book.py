@@ -124,6 +124,7 @@ def browser():
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
                  "--window-size=1280,1000"):
         options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # the console, read with get_log("browser")
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     driver.set_page_load_timeout(60)
     driver.set_script_timeout(30)
@@ -160,8 +161,17 @@ startup.then(() => done([formulas.length, document.querySelectorAll('main .math 
 """
 
 
+def _console(browser, relative: str) -> list[str]:
+    """The page's console messages of level WARNING or SEVERE since the last call (errors, failed requests)."""
+    return [f"{relative}: console {entry['level']}: {entry['message']}" for entry in browser.get_log("browser")
+            if entry["level"] in ("WARNING", "SEVERE")]
+
+
 def test_pages_render_in_chromium(built_book, browser, server, tmp_path):
+    """Every page renders, with its images and formulas, and logs no error or warning to the console: an unset
+    default theme mode logged "Got invalid theme mode" on every page, a missing favicon a 404 on the first."""
     failures = []
+    browser.get_log("browser")  # start from an empty console
     for page in toc_pages(built_book):
         relative = page.relative_to(built_book).as_posix()
         browser.get(f"{server}/{relative}")
@@ -177,6 +187,48 @@ def test_pages_render_in_chromium(built_book, browser, server, tmp_path):
             failures.append(f"{relative}: {typeset} of {formulas} formulas typeset by MathJax, errors: {errors}")
         if relative.endswith("intro.html"):
             browser.save_screenshot(str(tmp_path / "intro.png"))
+        failures += _console(browser, relative)
+    failures += _console(browser, "after the last page")  # a request that failed late
+    assert not failures, "\n".join(failures)
+
+
+# After the fonts: the code blocks that scroll sideways (input and output cells, and the prose pages' code), by their
+# first characters; and how many characters of the first code cell's font fit on one line of its input.
+_CODE_THAT_SCROLLS = """
+const done = arguments[arguments.length - 1];
+document.fonts.ready.then(() => {
+  const scrolling = Array.from(document.querySelectorAll('div.cell_input pre, div.cell_output pre, .highlight pre'))
+    .filter(pre => pre.scrollWidth > pre.clientWidth + 1).map(pre => pre.textContent.slice(0, 60));
+  const pre = document.querySelector('div.cell_input pre');
+  let fits = null;
+  if (pre) {
+    const probe = document.createElement('span');
+    probe.style.whiteSpace = 'pre';
+    probe.textContent = '0'.repeat(200);
+    pre.appendChild(probe);
+    const width = probe.getBoundingClientRect().width / 200;
+    probe.remove();
+    const style = getComputedStyle(pre);
+    fits = Math.floor((pre.clientWidth - parseFloat(style.paddingLeft) - parseFloat(style.paddingRight)) / width);
+  }
+  done([scrolling, fits]);
+});
+"""
+
+
+def test_code_is_seen_whole_at_1280_px(built_book, browser, server):
+    """At a 1280×1000 window no code block scrolls sideways, and a code cell holds a whole line of 120 characters
+    (the project's line length): book/_static/code-width.css gives the article the table of contents' column at
+    that width and wraps what still does not fit."""
+    browser.set_window_size(1280, 1000)
+    failures = []
+    for page in toc_pages(built_book):
+        relative = page.relative_to(built_book).as_posix()
+        browser.get(f"{server}/{relative}")
+        scrolling, fits = browser.execute_async_script(_CODE_THAT_SCROLLS)
+        failures += [f"{relative}: scrolls sideways: {text!r}" for text in scrolling]
+        if fits is not None and fits < 120:
+            failures.append(f"{relative}: a code cell holds {fits} characters a line, not 120")
     assert not failures, "\n".join(failures)
 
 
