@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import functools
 import http.server
-import os
-import shutil
 import subprocess
 import sys
 import threading
@@ -20,11 +18,6 @@ from urllib.parse import unquote, urldefrag, urlparse
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-# Debian's chromium here; a GitHub runner's preinstalled Chrome and driver elsewhere.
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-CHROMEDRIVER = shutil.which("chromedriver") or (
-    os.path.join(os.environ["CHROMEWEBDRIVER"], "chromedriver") if os.environ.get("CHROMEWEBDRIVER") else None
-)
 pytest.importorskip("jupyter_book", reason="the book extra is not installed")
 
 
@@ -110,29 +103,6 @@ def test_no_broken_internal_links_or_images(built_book):
 
 
 @pytest.fixture(scope="module")
-def browser():
-    if not (CHROMIUM and CHROMEDRIVER):
-        if os.environ.get("CI"):
-            pytest.fail("chromium and chromedriver must be installed in CI (Debian packages chromium, chromium-driver)")
-        pytest.skip("chromium / chromedriver not installed")
-    webdriver = pytest.importorskip("selenium.webdriver")
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--window-size=1280,1000"):
-        options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # the console, read with get_log("browser")
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    driver.set_page_load_timeout(60)
-    driver.set_script_timeout(30)
-    yield driver
-    driver.quit()
-
-
-@pytest.fixture(scope="module")
 def server(built_book):
     handler = functools.partial(_QuietHandler, directory=str(built_book))
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
@@ -161,34 +131,34 @@ startup.then(() => done([formulas.length, document.querySelectorAll('main .math 
 """
 
 
-def _console(browser, relative: str) -> list[str]:
+def _console(chromium, relative: str) -> list[str]:
     """The page's console messages of level WARNING or SEVERE since the last call (errors, failed requests)."""
-    return [f"{relative}: console {entry['level']}: {entry['message']}" for entry in browser.get_log("browser")
+    return [f"{relative}: console {entry['level']}: {entry['message']}" for entry in chromium.get_log("browser")
             if entry["level"] in ("WARNING", "SEVERE")]
 
 
-def test_pages_render_in_chromium(built_book, browser, server, tmp_path):
+def test_pages_render_in_chromium(built_book, chromium, server, tmp_path):
     """Every page renders, with its images and formulas, and logs no error or warning to the console: an unset
     default theme mode logged "Got invalid theme mode" on every page, a missing favicon a 404 on the first."""
     failures = []
-    browser.get_log("browser")  # start from an empty console
+    chromium.get_log("browser")  # start from an empty console
     for page in toc_pages(built_book):
         relative = page.relative_to(built_book).as_posix()
-        browser.get(f"{server}/{relative}")
-        state = browser.execute_script("return document.readyState")
-        title = browser.execute_script("return (document.querySelector('main h1') || {}).textContent || ''")
-        text_length = browser.execute_script("return (document.querySelector('main') || document.body).innerText.length")
-        broken = browser.execute_script(
+        chromium.get(f"{server}/{relative}")
+        state = chromium.execute_script("return document.readyState")
+        title = chromium.execute_script("return (document.querySelector('main h1') || {}).textContent || ''")
+        text_length = chromium.execute_script("return (document.querySelector('main') || document.body).innerText.length")
+        broken = chromium.execute_script(
             "return Array.from(document.images).filter(i => !i.complete || i.naturalWidth === 0).map(i => i.src)")
         if state != "complete" or not title.strip() or text_length < 200 or broken:
             failures.append(f"{relative}: state={state} title={title!r} text={text_length} broken images={broken}")
-        formulas, typeset, errors = browser.execute_async_script(_TYPESET_MATH)
+        formulas, typeset, errors = chromium.execute_async_script(_TYPESET_MATH)
         if typeset != formulas or errors:
             failures.append(f"{relative}: {typeset} of {formulas} formulas typeset by MathJax, errors: {errors}")
         if relative.endswith("intro.html"):
-            browser.save_screenshot(str(tmp_path / "intro.png"))
-        failures += _console(browser, relative)
-    failures += _console(browser, "after the last page")  # a request that failed late
+            chromium.save_screenshot(str(tmp_path / "intro.png"))
+        failures += _console(chromium, relative)
+    failures += _console(chromium, "after the last page")  # a request that failed late
     assert not failures, "\n".join(failures)
 
 
@@ -216,20 +186,59 @@ document.fonts.ready.then(() => {
 """
 
 
-def test_code_is_seen_whole_at_1280_px(built_book, browser, server):
+def test_code_is_seen_whole_at_1280_px(built_book, chromium, server):
     """At a 1280×1000 window no code block scrolls sideways, and a code cell holds a whole line of 120 characters
     (the project's line length): book/_static/code-width.css gives the article the table of contents' column at
     that width and wraps what still does not fit."""
-    browser.set_window_size(1280, 1000)
+    chromium.set_window_size(1280, 1000)
     failures = []
     for page in toc_pages(built_book):
         relative = page.relative_to(built_book).as_posix()
-        browser.get(f"{server}/{relative}")
-        scrolling, fits = browser.execute_async_script(_CODE_THAT_SCROLLS)
+        chromium.get(f"{server}/{relative}")
+        scrolling, fits = chromium.execute_async_script(_CODE_THAT_SCROLLS)
         failures += [f"{relative}: scrolls sideways: {text!r}" for text in scrolling]
         if fits is not None and fits < 120:
             failures.append(f"{relative}: a code cell holds {fits} characters a line, not 120")
     assert not failures, "\n".join(failures)
+
+
+def test_attention_explorer_in_chapter_14(built_book, chromium, server):
+    """The rendered chapter 14 carries the attention explorer, with its data, in under 2 MB: it draws with no console
+    message, over http and from file:// (offline); a click on another token, an arrow key, and another layer each
+    redraw the map (the canvas's pixels change)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import Select
+
+    page = built_book / "notebooks" / "14_attention_maps.html"
+    size = page.stat().st_size  # the viewer's data and script are inline: this is all the explorer needs
+    assert size < 2_000_000, f"chapter 14 weighs {size / 1e6:.2f} MB with the viewer's data"
+    chromium.set_window_size(1280, 1000)
+    for address in (page.as_uri(), f"{server}/notebooks/14_attention_maps.html"):
+        chromium.get_log("browser")  # start from an empty console
+        chromium.get(address)
+        viewers = chromium.find_elements(By.CSS_SELECTOR, ".pga")
+        assert len(viewers) == 1, f"{address}: {len(viewers)} mounted viewers"
+        root = viewers[0]
+        chromium.execute_script("arguments[0].scrollIntoView()", root)
+        canvas = root.find_element(By.CSS_SELECTOR, "canvas.pga-main")
+
+        def pixels() -> str:
+            return chromium.execute_script("return arguments[0].toDataURL()", canvas)
+
+        first = pixels()
+        assert len(root.find_elements(By.CSS_SELECTOR, ".pga-tokens button")) > 3
+        root.find_elements(By.CSS_SELECTOR, ".pga-tokens button")[3].click()
+        clicked = pixels()
+        assert clicked != first, "a click on another token left the map as it was"
+        assert "predicted at position" in root.find_element(By.CSS_SELECTOR, ".pga-caption").text
+        root.send_keys(Keys.ARROW_RIGHT)
+        stepped = pixels()
+        assert stepped != clicked, "the right arrow key left the map as it was"
+        Select(root.find_element(By.CSS_SELECTOR, "select[aria-label=layer]")).select_by_value("0")
+        assert pixels() != stepped, "another layer left the map as it was"
+        messages = [entry for entry in chromium.get_log("browser") if entry["level"] in ("WARNING", "SEVERE")]
+        assert not messages, f"{address}: {messages}"
 
 
 def test_colab_cells_install_from_the_book_repository():

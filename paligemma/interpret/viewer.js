@@ -74,7 +74,9 @@
 
   function option(select, value, text) { select.appendChild(el("option", {value: String(value)}, text)); }
 
-  function shown(text) { return JSON.stringify(text); }  // a token's text with its spaces visible
+  function shown(text) { return JSON.stringify(text); }  // a text in quotes, its newlines as \n
+  // A token as a label: a newline or a tab spelled out, so "\n" reads as the token it is.
+  function visible(text) { return text.replace(/\n/g, "\\n").replace(/\t/g, "\\t"); }
 
   function Viewer(root, data) {
     this.root = root;
@@ -193,7 +195,7 @@
     if (!vision) {
       var list = state.view === "prompt" ? data.prompt_tokens : data.tokens;
       list.forEach(function (token, i) {
-        var button = el("button", {type: "button", "aria-pressed": "false"}, token.text);
+        var button = el("button", {type: "button", "aria-pressed": "false"}, visible(token.text));
         button.addEventListener("click", function () { state.item = i; self.draw(); self.root.focus(); });
         self.tokens.appendChild(button);
         self.buttons.push(button);
@@ -349,7 +351,7 @@
       (this.isVision() ? data.vision.layers : data.decoder.layers) - 1 : state.layer);
     var head = state.head === "mean" ? "mean over heads" : "head " + state.head;
     function capital(text) { return text.charAt(0).toUpperCase() + text.slice(1); }
-    function code(text) { return el("code", {}, text); }
+    function code(text) { return el("code", {}, visible(text)); }
     function add() { Array.prototype.forEach.call(arguments, function (part) {
       line.appendChild(typeof part === "string" ? document.createTextNode(part) : part); }); }
     if (state.view === "generated" || state.view === "through") {
