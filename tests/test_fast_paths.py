@@ -8,13 +8,23 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from paligemma import bench, load_model
+from paligemma import PaliGemmaError, bench, load_model
 from paligemma.kernels import linear
+from paligemma.kernels.cpu import is_arm64
 from paligemma.models.config import PaliGemmaConfig
 from paligemma.inference.generation import generate_ids
 from paligemma.inference.sampling import GenerationSettings
 
 needs_kernel = pytest.mark.skipif(linear.KERNEL.get() is None, reason=f"streaming kernel: {linear.kernel_status()}")
+# The variants of this CPU's architecture; a test of one is skipped only on a CPU without its instructions.
+ARCHITECTURE_VARIANTS = ("neon",) if is_arm64() else ("avx512", "avx2")
+
+
+def runs(variant: str, dtype: torch.dtype = torch.bfloat16) -> str:
+    """The variant, after skipping the test where this CPU cannot run it for `dtype` weights."""
+    if variant not in linear.cpu_variants(dtype):
+        pytest.skip(f"this CPU cannot run the {variant} variant ({linear.kernel_status()})")
+    return variant
 
 
 def exact(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -51,27 +61,29 @@ def assert_within(result: torch.Tensor, interval: tuple[torch.Tensor, torch.Tens
 
 
 @needs_kernel
+@pytest.mark.parametrize("variant", ARCHITECTURE_VARIANTS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("rows", range(1, 9))
-@pytest.mark.parametrize("n, k", [(37, 64), (256, 100), (19, 1152), (8, 4130)])  # tails of rows and of K
-def test_kernel_sums_like_float32(dtype, rows, n, k):
+@pytest.mark.parametrize("n, k", [(37, 64), (256, 100), (19, 1152), (8, 4130), (5, 13)])  # tails of rows and of K
+def test_kernel_sums_like_float32(variant, dtype, rows, n, k):
     generator = torch.Generator().manual_seed(rows * 1000 + n + k)
     x = torch.randn(rows, k, generator=generator).to(dtype)
     weight = torch.randn(n, k, generator=generator).to(dtype)
-    out = linear.KERNEL.get().few_rows_linear(x, weight, dtype=torch.float32)  # the sums, not rounded
+    out = linear.KERNEL.get().few_rows_linear(x, weight, dtype=torch.float32, variant=runs(variant, dtype))
     assert out.dtype == torch.float32 and out.shape == (rows, n)
     # fp32 sums of exact products: within a few fp32 roundings of the float64 result
     torch.testing.assert_close(out.double(), exact(x, weight), atol=1e-5 * k**0.5, rtol=1e-5)
 
 
 @needs_kernel
-def test_few_rows_path_rounds_once_like_pytorch():
+@pytest.mark.parametrize("variant", ARCHITECTURE_VARIANTS)
+def test_few_rows_path_rounds_once_like_pytorch(variant):
     generator = torch.Generator().manual_seed(1)
     x = torch.randn(2, 3, 200, generator=generator).bfloat16()  # [b, s, K]: any leading shape, at most 8 rows in all
     weight = torch.randn(300, 200, generator=generator).bfloat16()
     bias = torch.randn(300, generator=generator).bfloat16()
-    assert linear.path_for(x, weight) == "few_rows"
-    with torch.no_grad():
+    with torch.no_grad(), linear.fast_paths(variant=runs(variant)):
+        assert linear.path_for(x, weight) == "few_rows" and linear.kernel_status().endswith(f"using {variant}")
         out = linear.linear(x, weight, bias)
     assert out.dtype == torch.bfloat16 and out.shape == (2, 3, 300) and out.is_contiguous()
     assert_within(out, bf16_interval(x, weight, bias))  # fp32 sums of exact products, rounded once
@@ -83,26 +95,45 @@ def test_few_rows_path_rounds_once_like_pytorch():
 
 
 @needs_kernel
-def test_kernel_rounds_its_sums_once_as_pytorch_does():
+@pytest.mark.parametrize("variant", ARCHITECTURE_VARIANTS)
+def test_kernel_rounds_its_sums_once_as_pytorch_does(variant):
     generator = torch.Generator().manual_seed(2)
     x, weight, bias = (torch.randn(shape, generator=generator).bfloat16() for shape in ((3, 300), (1000, 300), (1000,)))
     kernel = linear.KERNEL.get()
-    sums = kernel.few_rows_linear(x, weight, bias, dtype=torch.float32)
+    variant = runs(variant)
+    sums = kernel.few_rows_linear(x, weight, bias, dtype=torch.float32, variant=variant)
     torch.testing.assert_close(sums.double(), exact(x, weight, bias), atol=1e-4, rtol=1e-5)
-    rounded = kernel.few_rows_linear(x, weight, bias)
+    rounded = kernel.few_rows_linear(x, weight, bias, variant=variant)
     # Bit for bit: the same kernel, the same shapes, so the very same sums in the very same order (each output is
     # summed by one thread, over the same chunks of K, whatever the dtype asked for); only the final rounding differs.
     assert rounded.dtype == torch.bfloat16 and torch.equal(rounded, sums.to(torch.bfloat16))
     # The rounding on its own: zero sums plus a float32 bias are the bias, rounded. Ties, subnormals, infinities and
     # NaNs, then every kind of bit pattern, must round bit for bit as PyTorch rounds.
     special = torch.tensor([1 + 2**-8, 1 + 3 * 2**-8, -(1 + 3 * 2**-8), 1e-39, -1e-39, 3e38, float("inf"), float("nan")])
-    special = special.repeat(3)  # 24 values: 16 through the vectorised rounding, 8 through its scalar tail
+    special = special.repeat(3)  # 24 values
     patterns = torch.randint(-2**31, 2**31 - 1, (4099,), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
     for bias32 in (special, patterns.view(torch.float32)):
         n = bias32.numel()
-        out = kernel.few_rows_linear(torch.zeros(1, 32).bfloat16(), torch.zeros(n, 32).bfloat16(), bias32)
+        out = kernel.few_rows_linear(torch.zeros(1, 32).bfloat16(), torch.zeros(n, 32).bfloat16(), bias32,
+                                     variant=variant)
         assert torch.equal(out.view(torch.int16), bias32.to(torch.bfloat16).view(torch.int16)[None])
     assert out.view(torch.int16).unique().numel() > 3500  # the patterns were varied (4099 draws of 65536)
+
+
+@needs_kernel
+def test_variant_switch_names_what_it_cannot_do():
+    """`fast_paths(variant=...)` forces a variant; an unknown name, or one this CPU lacks, is refused in one line."""
+    x, weight = torch.ones(1, 64).bfloat16(), torch.ones(4, 64).bfloat16()
+    with pytest.raises(PaliGemmaError, match="unknown kernel variant 'sse2'"):
+        with linear.fast_paths(variant="sse2"):
+            pass
+    missing = next((v for v in linear.VARIANTS if v not in linear.cpu_variants()), None)
+    if missing is not None:  # on x86, "neon"; on ARM64, the x86 variants
+        with linear.fast_paths(variant=missing), pytest.raises(PaliGemmaError, match=f"cannot run the '{missing}'"):
+            linear.linear(x, weight)
+        with pytest.raises(RuntimeError, match=f"cannot run the '{missing}' kernel variant"):
+            linear.KERNEL.get().few_rows_linear(x, weight, variant=missing)  # the operator checks too: no SIGILL
+    assert linear.kernel_status().startswith("compiled: ")
 
 
 def test_widened_path_is_as_exact_as_float32(monkeypatch):

@@ -23,11 +23,11 @@ def is_x86_64() -> bool:
     return platform.machine().lower() in ("x86_64", "amd64")
 
 
+def is_arm64() -> bool:
+    return platform.machine().lower() in ("aarch64", "arm64")
+
+
 def has_amx() -> bool:
     """bf16 matrix tiles (Sapphire Rapids and later): oneDNN's bf16 products then beat fp32 ones."""
     return "amx_bf16" in cpu_flags()
 
-
-def has_avx512_bf16() -> bool:
-    """AVX-512 with the bf16 dot-product instructions, which the streaming kernel is written for."""
-    return is_x86_64() and {"avx512f", "avx512bw", "avx512_bf16"} <= cpu_flags()

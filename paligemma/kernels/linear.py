@@ -5,8 +5,10 @@ Every projection in the model is one of these products, and they are nearly all 
 - **Decoding** multiplies one row per sequence (a handful) by each weight matrix: each weight is used once per
   step, so the step's time is the time to read the weights from memory. PyTorch's bf16 kernel (oneDNN), given
   plain row-major weights at every call, reads them at about half the memory's speed for such shapes (measured:
-  `python -m paligemma.bench`). For at most `FEW_ROWS` rows, a small C++ kernel (`csrc/linear_cpu.cpp`,
-  compiled on first use) streams each weight row once with AVX-512 instead.
+  `python -m paligemma.bench`). For at most `FEW_ROWS` rows, a small C++ kernel (`csrc/stream_kernels.h`,
+  compiled on first use) streams each weight row once instead, in the best variant this CPU runs: AVX-512 with
+  bf16 instructions, AVX2 with FMA (any x86-64 CPU since 2013), or NEON (ARM64). `fast_paths(variant="avx2")`
+  forces one, `PALIGEMMA_KERNEL_VARIANT` sets the default, and `kernel_status()` says which run here.
 - **Prefill** and the vision tower multiply hundreds of rows, and the work is arithmetic. On CPUs without AMX,
   PyTorch's bf16 matrix products (VDPBF16PS) run well below its fp32 ones (60% on the machine of the book's
   benchmark); so for at least `MANY_ROWS` rows the bf16 weights are widened to fp32 a slice at a time and
@@ -34,24 +36,31 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cpu import has_amx, has_avx512_bf16
+from ..errors import PaliGemmaError
+from .cpu import has_amx, is_arm64, is_x86_64
 
 FEW_ROWS = 8  # up to this many rows: the streaming kernel (decoding, batch up to 8)
 MANY_ROWS = 64  # from this many rows: bf16 weights widened to fp32 slices (prefill, vision); measured crossover
 SLICE_ELEMENTS = 1 << 22  # weights widened per fp32 matrix product: 16 MB
 
 
+VARIANTS = ("avx512", "avx2", "neon")  # the streaming kernel's variants, fastest first
+
+
 @dataclass
 class FastPaths:
-    """Which fast paths are on. `fp32` extends the streaming kernel to float32 weights (off: reference numerics)."""
+    """Which fast paths are on. `fp32` extends the streaming kernel to float32 weights (off: reference numerics);
+    `variant` picks the streaming kernel's variant: "auto" (the best this CPU runs), "avx512", "avx2" or "neon"."""
 
     enabled: bool = True
     few_rows: bool = True
     widen: bool = True
     fp32: bool = False
+    variant: str = "auto"
 
 
-SETTINGS = FastPaths(enabled=os.environ.get("PALIGEMMA_FAST_PATHS", "1") != "0")
+SETTINGS = FastPaths(enabled=os.environ.get("PALIGEMMA_FAST_PATHS", "1") != "0",
+                     variant=os.environ.get("PALIGEMMA_KERNEL_VARIANT", "auto") or "auto")
 
 
 @contextlib.contextmanager
@@ -60,6 +69,8 @@ def fast_paths(**changes: bool) -> Iterator[FastPaths]:
     unknown = [name for name in changes if not hasattr(SETTINGS, name)]
     if unknown:
         raise ValueError(f"unknown fast path setting {unknown[0]!r}")
+    if "variant" in changes and changes["variant"] not in ("auto", *VARIANTS):
+        raise PaliGemmaError(f"unknown kernel variant {changes['variant']!r}: choose auto, {', '.join(VARIANTS)}")
     saved = {name: getattr(SETTINGS, name) for name in changes}
     for name, value in changes.items():
         setattr(SETTINGS, name, value)
@@ -89,8 +100,8 @@ class _Kernel:
         return self.module
 
     def _build(self):
-        if not has_avx512_bf16():
-            self.error = "this CPU lacks AVX-512 with bf16 instructions"
+        if not (is_x86_64() or is_arm64()):
+            self.error = "the streaming kernel has variants for x86-64 and ARM64 CPUs only"
             return None
         if os.environ.get("PALIGEMMA_NO_KERNEL"):
             self.error = "PALIGEMMA_NO_KERNEL is set"
@@ -104,10 +115,11 @@ class _Kernel:
             os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), path])
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
+                # No -m flags: each variant names its instruction set itself, so one build runs on any CPU of
+                # its architecture, and the variant is picked (and checked) at each call.
                 cpp_extension.load(
-                    name="paligemma_linear_cpu", sources=[str(source)], verbose=False, is_python_module=False,
-                    extra_cflags=["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp"],
-                    extra_ldflags=["-fopenmp"],
+                    name="paligemma_stream_cpu", sources=[str(source)], verbose=False, is_python_module=False,
+                    extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"],
                 )
             _register_fake()
             return torch.ops.paligemma
@@ -126,14 +138,43 @@ def _register_fake() -> None:
 
     @torch.library.register_fake("paligemma::few_rows_linear")
     def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-          dtype: torch.dtype | None = None) -> torch.Tensor:
+          dtype: torch.dtype | None = None, variant: str = "avx512") -> torch.Tensor:
         return x.new_empty((x.shape[0], weight.shape[0]), dtype=dtype or x.dtype)
 
 
-def kernel_status() -> str:
-    """'compiled', or why the streaming kernel is not used on this machine."""
+def cpu_variants(dtype: torch.dtype = torch.bfloat16) -> tuple[str, ...]:
+    """The streaming kernel's variants this CPU runs for weights of `dtype`, fastest first (none without the kernel).
+
+    AVX-512 counts for bf16 weights only with its bf16 instructions (Zen 4, Sapphire Rapids); AVX2 needs FMA too.
+    """
     module = KERNEL.get()
-    return "compiled" if module is not None else f"not available ({KERNEL.error})"
+    if module is None:
+        return ()
+    names = module.cpu_variants(dtype == torch.bfloat16)
+    return tuple(name for name in names.split(",") if name)
+
+
+def kernel_variant(dtype: torch.dtype = torch.bfloat16) -> str | None:
+    """The variant products of `dtype` take: the one `fast_paths(variant=...)` names, or the best this CPU runs."""
+    available = cpu_variants(dtype)
+    if SETTINGS.variant == "auto":
+        return available[0] if available else None
+    if SETTINGS.variant not in available:
+        raise PaliGemmaError(f"this CPU cannot run the {SETTINGS.variant!r} kernel variant for "
+                             f"{str(dtype).removeprefix('torch.')} weights (it runs: {', '.join(available) or 'none'})")
+    return SETTINGS.variant
+
+
+def kernel_status() -> str:
+    """The variants this CPU runs and the one in use (e.g. 'compiled: avx512, avx2; using avx512'), or why the
+    streaming kernel is not used on this machine."""
+    if KERNEL.get() is None:
+        return f"not available ({KERNEL.error})"
+    available = cpu_variants(torch.bfloat16)
+    if not available:
+        return "compiled, but this CPU runs none of its variants (it needs AVX2 and FMA, or ARM64)"
+    using = SETTINGS.variant if SETTINGS.variant != "auto" else available[0]
+    return f"compiled: {', '.join(available)}; using {using}"
 
 
 def path_for(x: torch.Tensor, weight: torch.Tensor) -> str:
@@ -146,12 +187,12 @@ def path_for(x: torch.Tensor, weight: torch.Tensor) -> str:
     if rows == 0:
         return "torch"
     if x.dtype == torch.bfloat16:
-        if rows <= FEW_ROWS and SETTINGS.few_rows and KERNEL.get() is not None:
+        if rows <= FEW_ROWS and SETTINGS.few_rows and kernel_variant(x.dtype) is not None:
             return "few_rows"
         if rows >= MANY_ROWS and SETTINGS.widen and not has_amx():
             return "widen"
     elif x.dtype == torch.float32 and SETTINGS.fp32 and rows <= FEW_ROWS and SETTINGS.few_rows:
-        if KERNEL.get() is not None:
+        if kernel_variant(x.dtype) is not None:
             return "few_rows"
     return "torch"
 
@@ -164,7 +205,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     rows = x.reshape(-1, x.shape[-1])
     if path == "widen":
         return widened_product(rows, weight, bias).reshape(*x.shape[:-1], weight.shape[0])
-    out = KERNEL.get().few_rows_linear(rows.contiguous(), weight.contiguous(), bias)  # fp32 sums, rounded once
+    out = KERNEL.get().few_rows_linear(rows.contiguous(), weight.contiguous(), bias,  # fp32 sums, rounded once
+                                       variant=kernel_variant(x.dtype))
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
 

@@ -1,0 +1,78 @@
+"""The streaming kernels' variants without PyTorch, as C++ (tests/csrc/check_kernels.cpp against a float64 reference):
+natively, every variant this CPU runs; for ARM64 from an x86 machine, NEON cross-compiled and run under qemu, and
+the PyTorch extension's source compiled for ARM64 too. CI installs the cross-compiler and qemu (.ci/run)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from paligemma.kernels.cpu import cpu_flags, is_arm64, is_x86_64
+
+ROOT = Path(__file__).resolve().parent.parent
+CHECK = ROOT / "tests" / "csrc" / "check_kernels.cpp"
+EXTENSION = ROOT / "paligemma" / "kernels" / "csrc" / "linear_cpu.cpp"
+
+
+def _compiler(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{name} must be installed in CI (.ci/run installs it)")
+        pytest.skip(f"{name} is not installed")
+    return path
+
+
+def _run_check(command: list[str]) -> set[str]:
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return {line.split(":")[0] for line in result.stdout.splitlines()}
+
+
+def test_each_variant_this_cpu_runs(tmp_path):
+    """Every variant the CPU has instructions for runs and sums like float64 (within fp32 rounding)."""
+    compiler = _compiler("g++")
+    binary = tmp_path / "check_kernels"
+    subprocess.run([compiler, "-O2", "-std=c++17", "-o", str(binary), str(CHECK)], check=True, capture_output=True,
+                   timeout=300)
+    ran = _run_check([str(binary)])
+    flags = cpu_flags()
+    expected = set()
+    if is_x86_64():
+        if {"avx2", "fma"} <= flags:
+            expected |= {"avx2 bf16", "avx2 fp32"}
+        if {"avx512f", "avx512bw", "avx512vl"} <= flags:
+            expected.add("avx512 fp32")
+            if "avx512_bf16" in flags:
+                expected.add("avx512 bf16")
+    elif is_arm64():
+        expected = {"neon bf16", "neon fp32"}
+    assert ran == expected
+
+
+@pytest.mark.skipif(is_arm64(), reason="on ARM64 the native test runs the NEON variant itself")
+def test_neon_variant_under_emulation(tmp_path):
+    """NEON, cross-compiled for ARM64 and run under qemu: the variant every ARM64 CPU (Apple Silicon, Graviton) takes."""
+    compiler = _compiler("aarch64-linux-gnu-g++")
+    emulator = _compiler("qemu-aarch64")
+    binary = tmp_path / "check_kernels_arm64"
+    subprocess.run([compiler, "-O2", "-std=c++17", "-static", "-o", str(binary), str(CHECK)], check=True,
+                   capture_output=True, timeout=300)
+    assert _run_check([emulator, str(binary)]) == {"neon bf16", "neon fp32"}
+
+
+@pytest.mark.skipif(is_arm64(), reason="on ARM64 the extension is built natively by the other tests")
+def test_extension_compiles_for_arm64():
+    """The PyTorch operator's source, NEON branch included, compiles for ARM64 (syntax and types; no ARM64 torch to
+    link against here)."""
+    compiler = _compiler("aarch64-linux-gnu-g++")
+    from torch.utils import cpp_extension
+
+    includes = [f"-I{path}" for path in cpp_extension.include_paths()]
+    result = subprocess.run([compiler, "-std=c++17", "-fsyntax-only", *includes, str(EXTENSION)], capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
