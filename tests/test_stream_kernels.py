@@ -42,15 +42,16 @@ def test_each_variant_this_cpu_runs(tmp_path):
     ran = _run_check([str(binary)])
     flags = cpu_flags()
     expected = set()
+    formats = {"fp32", "int8", "int4", "int4 fp32 scales"}  # and bf16 where the variant has it
     if is_x86_64():
         if {"avx2", "fma"} <= flags:
-            expected |= {"avx2 bf16", "avx2 fp32"}
+            expected |= {f"avx2 {kind}" for kind in formats | {"bf16"}}
         if {"avx512f", "avx512bw", "avx512vl"} <= flags:
-            expected.add("avx512 fp32")
+            expected |= {f"avx512 {kind}" for kind in formats}
             if "avx512_bf16" in flags:
                 expected.add("avx512 bf16")
     elif is_arm64():
-        expected = {"neon bf16", "neon fp32"}
+        expected = {f"neon {kind}" for kind in formats | {"bf16"}}
     assert ran == expected
 
 
@@ -62,7 +63,8 @@ def test_neon_variant_under_emulation(tmp_path):
     binary = tmp_path / "check_kernels_arm64"
     subprocess.run([compiler, "-O2", "-std=c++17", "-static", "-o", str(binary), str(CHECK)], check=True,
                    capture_output=True, timeout=300)
-    assert _run_check([emulator, str(binary)]) == {"neon bf16", "neon fp32"}
+    ran = _run_check([emulator, str(binary)])
+    assert ran == {f"neon {kind}" for kind in ("bf16", "fp32", "int8", "int4", "int4 fp32 scales")}
 
 
 @pytest.mark.skipif(is_arm64(), reason="on ARM64 the extension is built natively by the other tests")

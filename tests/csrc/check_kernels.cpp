@@ -1,5 +1,6 @@
 // The streaming kernels without PyTorch: every variant this build holds and this CPU runs, against a float64
-// reference, for 1 to 8 rows of x, tails of K and of N, bf16 and fp32 weights. tests/test_stream_kernels.py compiles
+// reference, for 1 to 8 rows of x, tails of K and of N, bf16, fp32, int8 and int4 weights (int4 in groups of 32,
+// 64 and 128, with bf16 or fp32 scales and zeros). tests/test_stream_kernels.py compiles
 // it natively, and for ARM64 with a cross-compiler, running it under qemu where no ARM64 machine is at hand.
 //
 // Prints one line per variant and dtype with the worst error relative to sum |x w|, and exits with status 1 if any
@@ -78,6 +79,94 @@ double worst_error(std::mt19937& random) {
   return worst;
 }
 
+// Random int8 codes and scales: y = scale[n] * sum_k codes[n, k] x[m, k], against float64.
+template <typename V>
+double worst_error_int8(std::mt19937& random) {
+  std::normal_distribution<float> normal;
+  std::uniform_int_distribution<int> code(-128, 127);
+  double worst = 0;
+  for (int64_t m = 1; m <= 8; ++m) {
+    for (const Case c : {Case{m, 64, 37}, Case{m, 100, 256}, Case{m, 1152, 19}, Case{m, 4130, 8}, Case{m, 13, 5}}) {
+      std::vector<float> x(c.m * c.k), scale(c.n);
+      std::vector<int8_t> codes(c.n * c.k);
+      for (float& v : x) v = normal(random);
+      for (float& v : scale) v = std::abs(normal(random)) * 0.01f;
+      for (int8_t& v : codes) v = int8_t(code(random));
+      std::vector<float> y(c.m * c.n, 0.0f);
+      pg::run<V>(c.m, x.data(), pg::Int8Weights{codes.data(), scale.data()}, y.data(), c.k, c.n, Serial{});
+      for (int64_t i = 0; i < c.m; ++i) {
+        for (int64_t j = 0; j < c.n; ++j) {
+          double exact = 0, magnitude = 0;
+          for (int64_t t = 0; t < c.k; ++t) {
+            const double term = double(codes[j * c.k + t]) * scale[j] * x[i * c.k + t];
+            exact += term;
+            magnitude += std::abs(term);
+          }
+          worst = std::max(worst, std::abs(y[i * c.n + j] - exact) / magnitude);
+        }
+      }
+    }
+  }
+  return worst;
+}
+
+// Random int4 codes, packed as the library packs them, with a scale and a zero per group (as bf16 bits when S is
+// uint16_t): y = sum_k ((codes - 8) scale + zero) x, against float64; groups of 32, 64 and 128.
+template <typename V, typename S>
+double worst_error_int4(std::mt19937& random) {
+  std::normal_distribution<float> normal;
+  std::uniform_int_distribution<int> code(0, 15);
+  double worst = 0;
+  for (int64_t group : {32, 64, 128}) {
+    for (int64_t m = 1; m <= 8; ++m) {
+      for (const Case c : {Case{m, 128, 37}, Case{m, 384, 9}, Case{m, 1152, 19}, Case{m, 2048, 3}}) {
+        const int64_t groups = c.k / group;
+        std::vector<float> x(c.m * c.k), scale(c.n * groups), zero(c.n * groups), sums(c.m * groups, 0.0f);
+        std::vector<S> scale_s(scale.size()), zero_s(zero.size());
+        for (float& v : x) v = normal(random);
+        for (size_t i = 0; i < scale.size(); ++i) {
+          scale[i] = std::abs(normal(random)) * 0.01f;
+          zero[i] = normal(random) * 0.01f;
+          if constexpr (sizeof(S) == 2) {
+            scale_s[i] = to_bf16(scale[i]);
+            zero_s[i] = to_bf16(zero[i]);
+            scale[i] = pg::bf16_to_float(scale_s[i]);
+            zero[i] = pg::bf16_to_float(zero_s[i]);
+          } else {
+            scale_s[i] = scale[i];
+            zero_s[i] = zero[i];
+          }
+        }
+        std::vector<uint8_t> codes(c.n * c.k), packed(c.n * c.k / 2);
+        for (uint8_t& v : codes) v = uint8_t(code(random));
+        for (int64_t j = 0; j < c.n; ++j)
+          for (int64_t run = 0; run < c.k / 32; ++run)
+            for (int64_t b = 0; b < 16; ++b)
+              packed[(j * c.k + run * 32) / 2 + b] =
+                  uint8_t(codes[j * c.k + run * 32 + b] | (codes[j * c.k + run * 32 + b + 16] << 4));
+        for (int64_t i = 0; i < c.m; ++i)
+          for (int64_t t = 0; t < c.k; ++t) sums[i * groups + t / group] += x[i * c.k + t];
+        std::vector<float> y(c.m * c.n, 0.0f);
+        const pg::Int4Weights<S> weights{packed.data(), scale_s.data(), zero_s.data(), sums.data(), group};
+        pg::run<V>(c.m, x.data(), weights, y.data(), c.k, c.n, Serial{});
+        for (int64_t i = 0; i < c.m; ++i) {
+          for (int64_t j = 0; j < c.n; ++j) {
+            double exact = 0, magnitude = 0;
+            for (int64_t t = 0; t < c.k; ++t) {
+              const int64_t g = j * groups + t / group;
+              const double term = ((double(codes[j * c.k + t]) - 8) * scale[g] + zero[g]) * x[i * c.k + t];
+              exact += term;
+              magnitude += std::abs(term);
+            }
+            worst = std::max(worst, std::abs(y[i * c.n + j] - exact) / magnitude);
+          }
+        }
+      }
+    }
+  }
+  return worst;
+}
+
 int report(const char* name, double error) {
   const double bound = 1e-5;  // fp32 sums: about K * 2^-24 in the worst case, far less in practice
   std::printf("%s: worst error %.3g of sum |x w| (bound %.0e)\n", name, error, bound);
@@ -97,18 +186,27 @@ int main() {
       ++ran;
     }
     failed |= report("avx512 fp32", worst_error<pg::Avx512Fp32>(random));
-    ++ran;
+    failed |= report("avx512 int8", worst_error_int8<pg::Avx512Int8>(random));
+    failed |= report("avx512 int4", worst_error_int4<pg::Avx512Int4<uint16_t>, uint16_t>(random));
+    failed |= report("avx512 int4 fp32 scales", worst_error_int4<pg::Avx512Int4<float>, float>(random));
+    ran += 4;
   }
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
     failed |= report("avx2 bf16", worst_error<pg::Avx2Bf16>(random));
     failed |= report("avx2 fp32", worst_error<pg::Avx2Fp32>(random));
-    ran += 2;
+    failed |= report("avx2 int8", worst_error_int8<pg::Avx2Int8>(random));
+    failed |= report("avx2 int4", worst_error_int4<pg::Avx2Int4<uint16_t>, uint16_t>(random));
+    failed |= report("avx2 int4 fp32 scales", worst_error_int4<pg::Avx2Int4<float>, float>(random));
+    ran += 5;
   }
 #endif
 #if defined(PG_NEON)
   failed |= report("neon bf16", worst_error<pg::NeonBf16>(random));
   failed |= report("neon fp32", worst_error<pg::NeonFp32>(random));
-  ran += 2;
+  failed |= report("neon int8", worst_error_int8<pg::NeonInt8>(random));
+  failed |= report("neon int4", worst_error_int4<pg::NeonInt4<uint16_t>, uint16_t>(random));
+  failed |= report("neon int4 fp32 scales", worst_error_int4<pg::NeonInt4<float>, float>(random));
+  ran += 5;
 #endif
   if (!ran) {
     std::printf("no variant of this build runs on this CPU\n");

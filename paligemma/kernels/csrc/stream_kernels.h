@@ -67,9 +67,11 @@ inline float weight_value(const W* w, int64_t i) {
 
 // Rows [b0 * R, b1 * R) of W (the last block may be short), all of K in chunks that keep x in L1.
 // `V::block<M, R>` does R rows over one chunk; the rows past the last whole block go one at a time.
+// `w` is the variant's `Weights`: a pointer for bf16 and fp32 weights, a small struct of pointers for the quantized
+// ones. The chunks of K are multiples of 128, so they hold whole int4 groups of 32, 64 or 128.
 template <typename V, int M, int R>
-void drive(const typename V::X* x, const typename V::W* w, float* y, int64_t K, int64_t N, int64_t b0, int64_t b1) {
-  const int64_t chunk = std::max<int64_t>(512, (kL1Bytes / (M * int64_t(sizeof(typename V::X)))) / 32 * 32);
+void drive(const typename V::X* x, typename V::Weights w, float* y, int64_t K, int64_t N, int64_t b0, int64_t b1) {
+  const int64_t chunk = std::max<int64_t>(512, (kL1Bytes / (M * int64_t(sizeof(typename V::X)))) / 128 * 128);
   for (int64_t k0 = 0; k0 < K; k0 += chunk) {
     const int64_t k1 = std::min(K, k0 + chunk);
     for (int64_t b = b0; b < b1; ++b) {
@@ -86,13 +88,13 @@ void drive(const typename V::X* x, const typename V::W* w, float* y, int64_t K, 
 // How many weight rows one block takes for M rows of x, so that the M * R accumulators stay in registers; and the
 // driver for that M, over blocks [b0, b1) of that size. `Par(blocks, fn)` runs fn(b0, b1) over ranges of blocks.
 template <typename V, int M, typename Par>
-void run_m(const typename V::X* x, const typename V::W* w, float* y, int64_t K, int64_t N, Par parallel) {
+void run_m(const typename V::X* x, typename V::Weights w, float* y, int64_t K, int64_t N, Par parallel) {
   constexpr int R = V::template rows_per_block<M>();
   parallel((N + R - 1) / R, [&](int64_t b0, int64_t b1) { drive<V, M, R>(x, w, y, K, N, b0, b1); });
 }
 
 template <typename V, typename Par>
-void run(int64_t M, const typename V::X* x, const typename V::W* w, float* y, int64_t K, int64_t N, Par parallel) {
+void run(int64_t M, const typename V::X* x, typename V::Weights w, float* y, int64_t K, int64_t N, Par parallel) {
   switch (M) {
     case 1: run_m<V, 1>(x, w, y, K, N, parallel); break;
     case 2: run_m<V, 2>(x, w, y, K, N, parallel); break;
@@ -105,6 +107,42 @@ void run(int64_t M, const typename V::X* x, const typename V::W* w, float* y, in
   }
 }
 
+// ---- quantized weights: what a block needs besides x ---------------------------------------------------------------
+
+// int8 codes [N, K] and one float32 scale per row: y[m, n] = scale[n] * sum_k codes[n, k] x[m, k].
+struct Int8Weights {
+  const int8_t* codes;
+  const float* scale;
+};
+
+// int4 codes packed two to a byte [N, K / 2] (in each 32 codes, byte j holds code j low and code j + 16 high), and a
+// scale and a zero per group of G inputs, [N, K / G], in the model's dtype S (bf16 bits or float). With
+// X[m, g] = sum of x[m, k] over group g (computed once per call), each group adds
+//   scale * sum_k codes[k] x[m, k] + (zero - 8 * scale) * X[m, g]      = sum_k ((codes[k] - 8) scale + zero) x[m, k].
+template <typename S>
+struct Int4Weights {
+  const uint8_t* packed;
+  const S* scale;
+  const S* zero;
+  const float* group_sums;  // X [M, K / G]
+  int64_t group;
+};
+
+template <typename S>
+inline float scalar_value(S value) {
+  if constexpr (sizeof(S) == 2) {
+    return bf16_to_float(value);
+  } else {
+    return value;
+  }
+}
+
+// The int4 group's constant term for row n and group g, added to y once per group.
+template <typename S>
+inline float int4_offset(const Int4Weights<S>& w, int64_t n, int64_t groups, int64_t g) {
+  return scalar_value(w.zero[n * groups + g]) - 8.0f * scalar_value(w.scale[n * groups + g]);
+}
+
 #if defined(PG_X86)
 
 // ---- AVX-512 ------------------------------------------------------------------------------------------------------
@@ -113,6 +151,7 @@ void run(int64_t M, const typename V::X* x, const typename V::W* w, float* y, in
 struct Avx512Bf16 {
   using W = uint16_t;
   using X = uint16_t;
+  using Weights = const W*;
   template <int M>
   static constexpr int rows_per_block() { return M == 1 ? 8 : M <= 4 ? 4 : M <= 7 ? 3 : 2; }
 
@@ -143,6 +182,7 @@ struct Avx512Bf16 {
 struct Avx512Fp32 {
   using W = float;
   using X = float;
+  using Weights = const W*;
   template <int M>
   static constexpr int rows_per_block() { return M == 1 ? 8 : M <= 4 ? 4 : M <= 7 ? 3 : 2; }
 
@@ -169,6 +209,86 @@ struct Avx512Fp32 {
   }
 };
 
+// int8 weights, x fp32: 16 codes a register, widened to int32, converted to fp32, fused multiply-add.
+struct Avx512Int8 {
+  using X = float;
+  using Weights = Int8Weights;
+  template <int M>
+  static constexpr int rows_per_block() { return M == 1 ? 8 : M <= 4 ? 4 : M <= 7 ? 3 : 2; }
+
+  template <int M, int R>
+  PG_AVX512 static void block(const X* x, Weights w, float* y, int64_t K, int64_t N, int64_t n0, int64_t k0,
+                              int64_t k1) {
+    const bool next_block = n0 + 2 * R <= N;
+    __m512 acc[M][R];
+    for (int m = 0; m < M; ++m)
+      for (int r = 0; r < R; ++r) acc[m][r] = _mm512_setzero_ps();
+    for (int64_t k = k0; k < k1; k += 16) {
+      const __mmask16 mask = k + 16 <= k1 ? __mmask16(0xFFFF) : __mmask16((1u << (k1 - k)) - 1);
+      __m512 xv[M];
+      for (int m = 0; m < M; ++m) xv[m] = _mm512_maskz_loadu_ps(mask, x + m * K + k);
+      for (int r = 0; r < R; ++r) {
+        const int8_t* row = w.codes + (n0 + r) * K + k;
+        _mm_prefetch(reinterpret_cast<const char*>(row) + kAheadBytes, _MM_HINT_T0);
+        if (next_block) _mm_prefetch(reinterpret_cast<const char*>(row + R * K), _MM_HINT_T1);
+        const __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, row)));
+        for (int m = 0; m < M; ++m) acc[m][r] = _mm512_fmadd_ps(wv, xv[m], acc[m][r]);
+      }
+    }
+    for (int m = 0; m < M; ++m)
+      for (int r = 0; r < R; ++r) y[m * N + n0 + r] += w.scale[n0 + r] * _mm512_reduce_add_ps(acc[m][r]);
+  }
+};
+
+// int4 weights, x fp32: 32 codes a 16-byte load, unpacked into two registers of 16 consecutive inputs.
+template <typename S>
+struct Avx512Int4 {
+  using X = float;
+  using Weights = Int4Weights<S>;
+  template <int M>
+  static constexpr int rows_per_block() { return M == 1 ? 8 : M == 2 ? 4 : M <= 4 ? 2 : 1; }
+
+  template <int M, int R>
+  PG_AVX512 static void block(const X* x, Weights w, float* y, int64_t K, int64_t N, int64_t n0, int64_t k0,
+                              int64_t k1) {
+    const int64_t groups = K / w.group;
+    const __m512i low_bits = _mm512_set1_epi32(0xF);
+    __m512 acc[M][R];
+    float constant[M][R];
+    for (int m = 0; m < M; ++m)
+      for (int r = 0; r < R; ++r) acc[m][r] = _mm512_setzero_ps(), constant[m][r] = 0.0f;
+    for (int64_t g0 = k0; g0 < k1; g0 += w.group) {
+      const int64_t g = g0 / w.group;
+      __m512 in_group[M][R];
+      for (int m = 0; m < M; ++m)
+        for (int r = 0; r < R; ++r) in_group[m][r] = _mm512_setzero_ps();
+      for (int64_t k = g0; k < g0 + w.group; k += 32) {
+        for (int r = 0; r < R; ++r) {
+          const uint8_t* bytes = w.packed + ((n0 + r) * K + k) / 2;
+          _mm_prefetch(reinterpret_cast<const char*>(bytes) + kAheadBytes, _MM_HINT_T0);
+          const __m512i wide = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes)));
+          const __m512 low = _mm512_cvtepi32_ps(_mm512_and_si512(wide, low_bits));  // codes k .. k + 15
+          const __m512 high = _mm512_cvtepi32_ps(_mm512_srli_epi32(wide, 4));       // codes k + 16 .. k + 31
+          for (int m = 0; m < M; ++m) {
+            in_group[m][r] = _mm512_fmadd_ps(low, _mm512_loadu_ps(x + m * K + k), in_group[m][r]);
+            in_group[m][r] = _mm512_fmadd_ps(high, _mm512_loadu_ps(x + m * K + k + 16), in_group[m][r]);
+          }
+        }
+      }
+      for (int r = 0; r < R; ++r) {
+        const __m512 scale = _mm512_set1_ps(scalar_value(w.scale[(n0 + r) * groups + g]));
+        const float offset = int4_offset(w, n0 + r, groups, g);
+        for (int m = 0; m < M; ++m) {
+          acc[m][r] = _mm512_fmadd_ps(in_group[m][r], scale, acc[m][r]);
+          constant[m][r] += offset * w.group_sums[m * groups + g];
+        }
+      }
+    }
+    for (int m = 0; m < M; ++m)
+      for (int r = 0; r < R; ++r) y[m * N + n0 + r] += _mm512_reduce_add_ps(acc[m][r]) + constant[m][r];
+  }
+};
+
 // ---- AVX2 + FMA ---------------------------------------------------------------------------------------------------
 
 PG_AVX2 inline float hsum256(__m256 v) {
@@ -190,6 +310,7 @@ template <typename WT>
 struct Avx2 {
   using W = WT;
   using X = float;
+  using Weights = const W*;
   template <int M>
   static constexpr int rows_per_block() { return M == 1 ? 8 : M == 2 ? 4 : M <= 4 ? 2 : 1; }
 
@@ -240,6 +361,94 @@ struct Avx2 {
 using Avx2Bf16 = Avx2<uint16_t>;
 using Avx2Fp32 = Avx2<float>;
 
+// int8 weights, x fp32: 8 codes a register.
+struct Avx2Int8 {
+  using X = float;
+  using Weights = Int8Weights;
+  template <int M>
+  static constexpr int rows_per_block() { return M == 1 ? 8 : M == 2 ? 4 : M <= 4 ? 2 : 1; }
+
+  template <int M, int R>
+  PG_AVX2 static void block(const X* x, Weights w, float* y, int64_t K, int64_t N, int64_t n0, int64_t k0,
+                            int64_t k1) {
+    const bool next_block = n0 + 2 * R <= N;
+    __m256 acc[M][R];
+    for (int m = 0; m < M; ++m)
+      for (int r = 0; r < R; ++r) acc[m][r] = _mm256_setzero_ps();
+    int64_t k = k0;
+    for (; k + 8 <= k1; k += 8) {
+      for (int r = 0; r < R; ++r) {
+        const int8_t* row = w.codes + (n0 + r) * K + k;
+        _mm_prefetch(reinterpret_cast<const char*>(row) + kAheadBytes, _MM_HINT_T0);
+        if (next_block) _mm_prefetch(reinterpret_cast<const char*>(row + R * K), _MM_HINT_T1);
+        const __m128i eight = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row));
+        const __m256 wv = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(eight));
+        for (int m = 0; m < M; ++m) acc[m][r] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + m * K + k), acc[m][r]);
+      }
+    }
+    for (int m = 0; m < M; ++m) {
+      for (int r = 0; r < R; ++r) {
+        float tail = 0.0f;
+        for (int64_t i = k; i < k1; ++i) tail += float(w.codes[(n0 + r) * K + i]) * x[m * K + i];
+        y[m * N + n0 + r] += w.scale[n0 + r] * (hsum256(acc[m][r]) + tail);
+      }
+    }
+  }
+};
+
+// int4 weights, x fp32: a 16-byte load holds 32 codes; each half widens to two registers of eight.
+template <typename S>
+struct Avx2Int4 {
+  using X = float;
+  using Weights = Int4Weights<S>;
+  template <int M>
+  static constexpr int rows_per_block() { return M == 1 ? 4 : M == 2 ? 2 : 1; }
+
+  template <int M, int R>
+  PG_AVX2 static void block(const X* x, Weights w, float* y, int64_t K, int64_t N, int64_t n0, int64_t k0,
+                            int64_t k1) {
+    const int64_t groups = K / w.group;
+    const __m256i low_bits = _mm256_set1_epi32(0xF);
+    __m256 acc[M][R];
+    float constant[M][R];
+    for (int m = 0; m < M; ++m)
+      for (int r = 0; r < R; ++r) acc[m][r] = _mm256_setzero_ps(), constant[m][r] = 0.0f;
+    for (int64_t g0 = k0; g0 < k1; g0 += w.group) {
+      const int64_t g = g0 / w.group;
+      __m256 in_group[M][R];
+      for (int m = 0; m < M; ++m)
+        for (int r = 0; r < R; ++r) in_group[m][r] = _mm256_setzero_ps();
+      for (int64_t k = g0; k < g0 + w.group; k += 32) {
+        for (int r = 0; r < R; ++r) {
+          const uint8_t* bytes = w.packed + ((n0 + r) * K + k) / 2;
+          _mm_prefetch(reinterpret_cast<const char*>(bytes) + kAheadBytes, _MM_HINT_T0);
+          const __m128i all = _mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes));
+          const __m256i first = _mm256_cvtepu8_epi32(all);                      // bytes 0 .. 7
+          const __m256i second = _mm256_cvtepu8_epi32(_mm_srli_si128(all, 8));  // bytes 8 .. 15
+          const __m256 codes[4] = {
+              _mm256_cvtepi32_ps(_mm256_and_si256(first, low_bits)),   // codes k .. k + 7
+              _mm256_cvtepi32_ps(_mm256_and_si256(second, low_bits)),  // codes k + 8 .. k + 15
+              _mm256_cvtepi32_ps(_mm256_srli_epi32(first, 4)),         // codes k + 16 .. k + 23
+              _mm256_cvtepi32_ps(_mm256_srli_epi32(second, 4))};       // codes k + 24 .. k + 31
+          for (int m = 0; m < M; ++m)
+            for (int part = 0; part < 4; ++part)
+              in_group[m][r] = _mm256_fmadd_ps(codes[part], _mm256_loadu_ps(x + m * K + k + 8 * part), in_group[m][r]);
+        }
+      }
+      for (int r = 0; r < R; ++r) {
+        const __m256 scale = _mm256_set1_ps(scalar_value(w.scale[(n0 + r) * groups + g]));
+        const float offset = int4_offset(w, n0 + r, groups, g);
+        for (int m = 0; m < M; ++m) {
+          acc[m][r] = _mm256_fmadd_ps(in_group[m][r], scale, acc[m][r]);
+          constant[m][r] += offset * w.group_sums[m * groups + g];
+        }
+      }
+    }
+    for (int m = 0; m < M; ++m)
+      for (int r = 0; r < R; ++r) y[m * N + n0 + r] += hsum256(acc[m][r]) + constant[m][r];
+  }
+};
+
 #endif  // PG_X86
 
 #if defined(PG_NEON)
@@ -251,6 +460,7 @@ template <typename WT>
 struct Neon {
   using W = WT;
   using X = float;
+  using Weights = const W*;
   template <int M>
   static constexpr int rows_per_block() { return M == 1 ? 8 : M == 2 ? 6 : M <= 4 ? 4 : 2; }
 
@@ -287,6 +497,95 @@ struct Neon {
 
 using NeonBf16 = Neon<uint16_t>;
 using NeonFp32 = Neon<float>;
+
+// int8 weights, x fp32: 8 codes a load, widened to two registers of four.
+struct NeonInt8 {
+  using X = float;
+  using Weights = Int8Weights;
+  template <int M>
+  static constexpr int rows_per_block() { return M == 1 ? 8 : M == 2 ? 4 : M <= 4 ? 2 : 1; }
+
+  template <int M, int R>
+  static void block(const X* x, Weights w, float* y, int64_t K, int64_t N, int64_t n0, int64_t k0, int64_t k1) {
+    float32x4_t acc[M][R];
+    for (int m = 0; m < M; ++m)
+      for (int r = 0; r < R; ++r) acc[m][r] = vdupq_n_f32(0.0f);
+    int64_t k = k0;
+    for (; k + 8 <= k1; k += 8) {
+      for (int r = 0; r < R; ++r) {
+        const int8_t* row = w.codes + (n0 + r) * K + k;
+        __builtin_prefetch(reinterpret_cast<const char*>(row) + kAheadBytes);
+        const int16x8_t wide = vmovl_s8(vld1_s8(row));
+        const float32x4_t low = vcvtq_f32_s32(vmovl_s16(vget_low_s16(wide)));
+        const float32x4_t high = vcvtq_f32_s32(vmovl_s16(vget_high_s16(wide)));
+        for (int m = 0; m < M; ++m) {
+          acc[m][r] = vfmaq_f32(acc[m][r], low, vld1q_f32(x + m * K + k));
+          acc[m][r] = vfmaq_f32(acc[m][r], high, vld1q_f32(x + m * K + k + 4));
+        }
+      }
+    }
+    for (int m = 0; m < M; ++m) {
+      for (int r = 0; r < R; ++r) {
+        float tail = 0.0f;
+        for (int64_t i = k; i < k1; ++i) tail += float(w.codes[(n0 + r) * K + i]) * x[m * K + i];
+        y[m * N + n0 + r] += w.scale[n0 + r] * (vaddvq_f32(acc[m][r]) + tail);
+      }
+    }
+  }
+};
+
+// int4 weights, x fp32: 16 bytes hold 32 codes, split into low and high halves and widened to eight registers.
+template <typename S>
+struct NeonInt4 {
+  using X = float;
+  using Weights = Int4Weights<S>;
+  template <int M>
+  static constexpr int rows_per_block() { return M == 1 ? 4 : M == 2 ? 2 : 1; }
+
+  template <int M, int R>
+  static void block(const X* x, Weights w, float* y, int64_t K, int64_t N, int64_t n0, int64_t k0, int64_t k1) {
+    const int64_t groups = K / w.group;
+    float32x4_t acc[M][R];
+    float constant[M][R];
+    for (int m = 0; m < M; ++m)
+      for (int r = 0; r < R; ++r) acc[m][r] = vdupq_n_f32(0.0f), constant[m][r] = 0.0f;
+    for (int64_t g0 = k0; g0 < k1; g0 += w.group) {
+      const int64_t g = g0 / w.group;
+      float32x4_t in_group[M][R];
+      for (int m = 0; m < M; ++m)
+        for (int r = 0; r < R; ++r) in_group[m][r] = vdupq_n_f32(0.0f);
+      for (int64_t k = g0; k < g0 + w.group; k += 32) {
+        for (int r = 0; r < R; ++r) {
+          const uint8_t* bytes = w.packed + ((n0 + r) * K + k) / 2;
+          __builtin_prefetch(reinterpret_cast<const char*>(bytes) + kAheadBytes);
+          const uint8x16_t all = vld1q_u8(bytes);
+          const uint8x16_t halves[2] = {vandq_u8(all, vdupq_n_u8(0xF)), vshrq_n_u8(all, 4)};  // k.., k + 16..
+          for (int half = 0; half < 2; ++half) {
+            const uint16x8_t first = vmovl_u8(vget_low_u8(halves[half]));
+            const uint16x8_t second = vmovl_u8(vget_high_u8(halves[half]));
+            const float32x4_t codes[4] = {vcvtq_f32_u32(vmovl_u16(vget_low_u16(first))),
+                                          vcvtq_f32_u32(vmovl_u16(vget_high_u16(first))),
+                                          vcvtq_f32_u32(vmovl_u16(vget_low_u16(second))),
+                                          vcvtq_f32_u32(vmovl_u16(vget_high_u16(second)))};
+            for (int m = 0; m < M; ++m)
+              for (int part = 0; part < 4; ++part)
+                in_group[m][r] = vfmaq_f32(in_group[m][r], codes[part], vld1q_f32(x + m * K + k + 16 * half + 4 * part));
+          }
+        }
+      }
+      for (int r = 0; r < R; ++r) {
+        const float scale = scalar_value(w.scale[(n0 + r) * groups + g]);
+        const float offset = int4_offset(w, n0 + r, groups, g);
+        for (int m = 0; m < M; ++m) {
+          acc[m][r] = vfmaq_n_f32(acc[m][r], in_group[m][r], scale);
+          constant[m][r] += offset * w.group_sums[m * groups + g];
+        }
+      }
+    }
+    for (int m = 0; m < M; ++m)
+      for (int r = 0; r < R; ++r) y[m * N + n0 + r] += vaddvq_f32(acc[m][r]) + constant[m][r];
+  }
+};
 
 #endif  // PG_NEON
 
