@@ -208,13 +208,19 @@ def load_pretrained(
     accelerate: bool | None = None,
     adapter: str | Path | None = None,
     merge: bool = False,
+    quantization: str | None = None,
+    group_size: int = 128,
 ) -> tuple[PaliGemmaForConditionalGeneration, PaliGemmaProcessor]:
     """The model and its processor from a checkpoint folder (or the name of a model shipped with the package).
 
     `adapter`: a LoRA folder in peft's format (`load_adapter`), added frozen and unmerged; `merge` folds it in.
+    `quantization`: "int8" or "int4" (in groups of `group_size`) quantizes the linear layers after loading
+    (`paligemma.quantization.quantize`); an adapter must then be merged first.
     """
     if merge and adapter is None:
         raise PaliGemmaError("merge=True needs an adapter folder to merge")
+    if quantization is not None and adapter is not None and not merge:
+        raise PaliGemmaError("a quantized model takes an adapter only merged (merge=True): its layers are not LoRA's")
     directory = resolve_checkpoint(name_or_path)
     config = read_config(directory / CONFIG_FILE)
     processor = PaliGemmaProcessor.from_pretrained(directory, config)  # fail fast on a missing tokenizer
@@ -223,6 +229,10 @@ def load_pretrained(
         load_adapter(model, adapter)
         if merge:
             merge_lora(model)
+    if quantization is not None:
+        from ..quantization import quantize
+
+        quantize(model, quantization, group_size)
     return model, processor
 
 

@@ -175,8 +175,9 @@ class GemmaLanguageModel(nn.Module):
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Token embeddings scaled by sqrt(hidden_size), the scale rounded to the weights' dtype as Gemma does."""
-        weight = self.embed_tokens.weight
-        return self.embed_tokens(input_ids) * torch.tensor(self.config.hidden_size**0.5, dtype=weight.dtype)
+        table = self.embed_tokens  # an nn.Embedding, or a quantized model's view of its output head's codes
+        dtype = table.weight.dtype if isinstance(table, nn.Embedding) else table.dtype
+        return table(input_ids) * torch.tensor(self.config.hidden_size**0.5, dtype=dtype)
 
     def forward(
         self,

@@ -98,11 +98,11 @@ class PaliGemmaForConditionalGeneration(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.multi_modal_projector.linear.weight.device
+        return self.language_model.norm.weight.device  # never quantized, unlike the linear layers
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.multi_modal_projector.linear.weight.dtype
+        return self.language_model.norm.weight.dtype
 
     def set_attention_implementation(self, implementation: str) -> None:
         """'sdpa' (fused, the default) or 'eager' (the softmax spelled out), in every attention layer."""

@@ -115,6 +115,132 @@ at::Tensor few_rows_linear(const at::Tensor& x, const at::Tensor& weight, const 
   return out;
 }
 
+namespace {
+
+// x [M, K] as fp32 (widened once when bf16), for the kernels that multiply in fp32.
+struct Float32Rows {
+  std::vector<float> copy;
+  const float* data;
+  Float32Rows(const at::Tensor& x) {
+    if (x.scalar_type() == at::kFloat) {
+      data = x.data_ptr<float>();
+    } else {
+      copy = widened(reinterpret_cast<const uint16_t*>(x.data_ptr()), x.numel());
+      data = copy.data();
+    }
+  }
+};
+
+void check_rows(const at::Tensor& x, int64_t K) {
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == K && x.is_contiguous(), "x must be contiguous [M, K] with K = ", K);
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat, "x must be bf16 or fp32");
+  TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= 8, "between 1 and 8 rows of x");
+}
+
+// The fp32 sums plus the bias, as float32 or rounded once to x's dtype.
+at::Tensor finish(at::Tensor sums, const at::Tensor& x, const std::optional<at::Tensor>& bias,
+                  std::optional<at::ScalarType> dtype) {
+  const int64_t N = sums.size(1);
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, "bias [N]");
+    sums.add_(bias->to(at::kFloat).view({1, N}));
+  }
+  const at::ScalarType out_dtype = dtype.value_or(x.scalar_type());
+  TORCH_CHECK(out_dtype == at::kFloat || out_dtype == x.scalar_type(), "the result is float32 or x's dtype");
+  if (out_dtype == at::kFloat) return sums;
+  auto out = at::empty_like(sums, x.options());
+  if (out_dtype == at::kBFloat16) {
+    round_to_bf16(sums.data_ptr<float>(), reinterpret_cast<uint16_t*>(out.data_ptr()), sums.numel());
+  } else {
+    out.copy_(sums);
+  }
+  return out;
+}
+
+}  // namespace
+
+// x [M, K] (bf16 or fp32), int8 codes [N, K] and float32 scales [N]: y = x (codes * scale)^T (+ bias), by the named
+// variant; each code is widened in registers, never a whole weight in memory.
+at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
+                       const std::optional<at::Tensor>& bias, std::optional<at::ScalarType> dtype,
+                       const std::string& variant) {
+  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == at::kChar && codes.is_contiguous(), "codes: int8 [N, K]");
+  const int64_t N = codes.size(0), K = codes.size(1);
+  check_rows(x, K);
+  TORCH_CHECK(scale.dim() == 1 && scale.size(0) == N && scale.scalar_type() == at::kFloat && scale.is_contiguous(),
+              "scale: float32 [N]");
+  TORCH_CHECK(cpu_runs(variant, false), "this CPU cannot run the '", variant, "' kernel variant");
+  const int64_t M = x.size(0);
+  const Float32Rows rows(x);
+  auto sums = at::zeros({M, N}, x.options().dtype(at::kFloat));
+  const pg::Int8Weights weights{codes.data_ptr<int8_t>(), scale.data_ptr<float>()};
+  float* y = sums.data_ptr<float>();
+  const Threads threads;
+#if defined(PG_X86)
+  if (variant == "avx512") {
+    pg::run<pg::Avx512Int8>(M, rows.data, weights, y, K, N, threads);
+  } else if (variant == "avx2") {
+    pg::run<pg::Avx2Int8>(M, rows.data, weights, y, K, N, threads);
+  } else {
+    TORCH_CHECK(false, "no kernel variant '", variant, "' in this build");
+  }
+#elif defined(PG_NEON)
+  pg::run<pg::NeonInt8>(M, rows.data, weights, y, K, N, threads);
+#endif
+  return finish(sums, x, bias, dtype);
+}
+
+template <typename S>
+void run_int4(const std::string& variant, int64_t M, const float* x, const pg::Int4Weights<S>& weights, float* y,
+              int64_t K, int64_t N) {
+  const Threads threads;
+#if defined(PG_X86)
+  if (variant == "avx512") return pg::run<pg::Avx512Int4<S>>(M, x, weights, y, K, N, threads);
+  if (variant == "avx2") return pg::run<pg::Avx2Int4<S>>(M, x, weights, y, K, N, threads);
+  TORCH_CHECK(false, "no kernel variant '", variant, "' in this build");
+#elif defined(PG_NEON)
+  pg::run<pg::NeonInt4<S>>(M, x, weights, y, K, N, threads);
+#endif
+}
+
+// x [M, K] (bf16 or fp32), int4 codes packed [N, K / 2] (see stream_kernels.h), scale and zero [N, K / G] in bf16 or
+// fp32: y = x ((codes - 8) * scale + zero)^T (+ bias), by the named variant.
+at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale, const at::Tensor& zero,
+                       int64_t group_size, const std::optional<at::Tensor>& bias,
+                       std::optional<at::ScalarType> dtype, const std::string& variant) {
+  TORCH_CHECK(packed.dim() == 2 && packed.scalar_type() == at::kByte && packed.is_contiguous(),
+              "packed codes: uint8 [N, K / 2]");
+  const int64_t N = packed.size(0), K = packed.size(1) * 2;
+  check_rows(x, K);
+  TORCH_CHECK(group_size == 32 || group_size == 64 || group_size == 128, "group size 32, 64 or 128");
+  TORCH_CHECK(K % group_size == 0, "K must be a multiple of the group size");
+  const int64_t groups = K / group_size;
+  for (const at::Tensor* t : {&scale, &zero})
+    TORCH_CHECK(t->dim() == 2 && t->size(0) == N && t->size(1) == groups && t->is_contiguous() &&
+                (t->scalar_type() == at::kBFloat16 || t->scalar_type() == at::kFloat),
+                "scale and zero: bf16 or fp32 [N, K / group_size]");
+  TORCH_CHECK(scale.scalar_type() == zero.scalar_type(), "scale and zero must share a dtype");
+  TORCH_CHECK(cpu_runs(variant, false), "this CPU cannot run the '", variant, "' kernel variant");
+  const int64_t M = x.size(0);
+  const Float32Rows rows(x);
+  std::vector<float> group_sums(M * groups, 0.0f);  // X [M, K / G]: each group's sum of x
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; ++k) group_sums[m * groups + k / group_size] += rows.data[m * K + k];
+  auto sums = at::zeros({M, N}, x.options().dtype(at::kFloat));
+  const auto* codes = packed.data_ptr<uint8_t>();
+  if (scale.scalar_type() == at::kBFloat16) {
+    const pg::Int4Weights<uint16_t> weights{codes, reinterpret_cast<const uint16_t*>(scale.data_ptr()),
+                                            reinterpret_cast<const uint16_t*>(zero.data_ptr()), group_sums.data(),
+                                            group_size};
+    run_int4(variant, M, rows.data, weights, sums.data_ptr<float>(), K, N);
+  } else {
+    const pg::Int4Weights<float> weights{codes, scale.data_ptr<float>(), zero.data_ptr<float>(), group_sums.data(),
+                                         group_size};
+    run_int4(variant, M, rows.data, weights, sums.data_ptr<float>(), K, N);
+  }
+  return finish(sums, x, bias, dtype);
+}
+
 // Which variants this CPU runs, best first, from those the build holds: "avx512,avx2" on Zen 4, "avx2" on Zen 3.
 std::string cpu_variants(bool bf16) {
   std::string out;
@@ -128,9 +254,15 @@ std::string cpu_variants(bool bf16) {
 TORCH_LIBRARY(paligemma, m) {
   m.def("few_rows_linear(Tensor x, Tensor weight, Tensor? bias=None, ScalarType? dtype=None, str variant='avx512')"
         " -> Tensor");
+  m.def("int8_linear(Tensor x, Tensor codes, Tensor scale, Tensor? bias=None, ScalarType? dtype=None,"
+        " str variant='avx512') -> Tensor");
+  m.def("int4_linear(Tensor x, Tensor packed, Tensor scale, Tensor zero, int group_size, Tensor? bias=None,"
+        " ScalarType? dtype=None, str variant='avx512') -> Tensor");
   m.def("cpu_variants(bool bf16) -> str", &cpu_variants);
 }
 
 TORCH_LIBRARY_IMPL(paligemma, CPU, m) {
   m.impl("few_rows_linear", &few_rows_linear);
+  m.impl("int8_linear", &int8_linear);
+  m.impl("int4_linear", &int4_linear);
 }
