@@ -51,6 +51,8 @@ RULES = [
     Rule("paligemma.io.safetensors", only=("paligemma.errors",)),
     # the fast products are applied to a model from outside
     Rule("paligemma.kernels", only=("paligemma.kernels", "paligemma.errors")),
+    # quantization works on a model with the kernels; loading and saving quantized folders is paligemma.io's
+    Rule("paligemma.quantization", only=("paligemma.quantization", "paligemma.kernels", "paligemma.errors")),
     # decoding needs a model, not the loader, the interpretation tools, training or the entry points
     Rule("paligemma.inference", never=("paligemma.io.checkpoint", "paligemma.interpret", "paligemma.training",
                                        "paligemma.bench", "paligemma.cli")),

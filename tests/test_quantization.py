@@ -4,6 +4,7 @@ product of the dequantized weights, and a quantized tiny-shapes still reads its 
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,6 +25,7 @@ from paligemma.quantization.schemes import (
 )
 
 warnings.filterwarnings("ignore", module="torchao")
+ROOT = Path(__file__).resolve().parent.parent
 ARCHITECTURE_VARIANTS = ("neon",) if is_arm64() else ("avx512", "avx2")
 
 
@@ -193,7 +195,7 @@ def test_quantized_tiny_shapes(scheme, group_size, scenes):
     size = model_bytes(model)
     linears = sum(isinstance(m, nn.Linear) for m in model.modules())
     report = quantize(model, scheme, group_size)
-    assert report["layers"] == linears and not report["kept"]
+    assert len(report["layers"]) == linears and not report["kept"] and model.config.quantization["scheme"] == scheme
     assert not any(type(m) in (nn.Linear, linear.FastLinear) for m in model.modules())
     assert isinstance(model.language_model.embed_tokens, QuantizedEmbedding)
     assert model_bytes(model) < size * (0.3 if scheme == "int8" else 0.2)  # from float32
@@ -210,3 +212,37 @@ def test_load_pretrained_quantized():
         load_pretrained("tiny-shapes", quantization="int4", group_size=100)
     with pytest.raises(PaliGemmaError, match="merged"):
         load_pretrained("tiny-shapes", quantization="int8", adapter="some/adapter")
+
+
+@pytest.mark.parametrize("scheme, group_size", [("int8", 128), ("int4", 64)])
+def test_quantized_while_loading_and_saved(scheme, group_size, tmp_path):
+    """Quantizing as the weights are read gives what quantizing the loaded model gives, bit for bit; the quantized
+    model saves to a folder (config.json names the scheme) that loads back to the same tensors and answers."""
+    import json
+    import shutil
+
+    after, processor = load_pretrained("tiny-shapes", dtype="bf16")
+    quantize(after, scheme, group_size)
+    during, _ = load_pretrained("tiny-shapes", dtype="bf16", quantization=scheme, group_size=group_size)
+    expected = after.state_dict()
+    assert during.state_dict().keys() == expected.keys()
+    assert all(torch.equal(during.state_dict()[name], tensor) for name, tensor in expected.items())
+    after.save_pretrained(tmp_path)
+    shutil.copy(ROOT / "paligemma" / "checkpoints" / "tiny-shapes" / "tokenizer.model", tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["quantization_config"]["scheme"] == scheme
+    again, _ = load_pretrained(tmp_path, dtype="bf16")
+    assert again.quantization["scheme"] == scheme
+    assert all(torch.equal(again.state_dict()[name], tensor) and again.state_dict()[name].dtype == tensor.dtype
+               for name, tensor in expected.items())
+    image = ROOT / "images" / "shapes_3.png"
+    assert generate(again, processor, [image], ["caption en"]) == generate(after, processor, [image], ["caption en"])
+    other = "int4" if scheme == "int8" else "int8"
+    with pytest.raises(PaliGemmaError, match=f"holds {scheme} weights already"):
+        load_pretrained(tmp_path, quantization=other)
+    with pytest.raises(PaliGemmaError, match="merge the adapter into the wide model first"):
+        load_pretrained(tmp_path, adapter=tmp_path, merge=True)
+    config["quantization_config"]["quant_method"] = "bitsandbytes"
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(PaliGemmaError, match="quantized by 'bitsandbytes'"):
+        load_pretrained(tmp_path)

@@ -176,6 +176,92 @@ def _load_weights(
     return model.eval()
 
 
+QUANTIZE_CHUNK_BYTES = 32 << 20  # wide weights read at a time when quantizing while loading
+
+
+def _load_quantized(
+    directory: Path,
+    config: PaliGemmaConfig,
+    device: torch.device | str,
+    dtype: torch.dtype | str | None,
+    scheme: str,
+    group_size: int,
+) -> PaliGemmaForConditionalGeneration:
+    """A quantized model, from a folder of quantized weights or from wide ones quantized as they are read.
+
+    The model's structure is built on the meta device with empty quantized layers. From a quantized folder, every
+    tensor is read as it is (codes keep their integer dtype, int8 scales their float32). From wide weights, each
+    quantized layer's weight is read a few rows at a time (`QUANTIZE_CHUNK_BYTES`) with plain reads, quantized, and
+    dropped, so the wide model never exists in memory: loading takes the quantized model's size plus one chunk.
+    """
+    from ..quantization.linear import QuantizedLinear
+    from ..quantization.model import quantized_structure
+
+    files = [SafetensorsFile(path) for path in weight_files(directory)]
+    device, dtype = parse_device(device), parse_dtype(dtype)
+    index = {}
+    for file in files:
+        for disk_name in file.entries:
+            index[to_library_name(disk_name)] = (file, disk_name)
+    from_file = config.quantization is not None
+    if dtype is None:  # the file's own: read it off a tensor that is never quantized
+        norm = index.get("language_model.norm.weight")
+        if norm is None:
+            raise PaliGemmaError("tensors missing from the checkpoint: language_model.model.norm.weight")
+        dtype = norm[0].dtype(norm[1])
+    model = empty_model(config)
+    quantized_structure(model, scheme, group_size, dtype)
+    layers = {name: module for name, module in model.named_modules() if isinstance(module, QuantizedLinear)}
+    expected = {name: t for name, t in model.state_dict(keep_vars=True).items()}
+    quantized_buffers = {f"{name}.{b}" for name, layer in layers.items() for b, _ in layer.named_buffers()}
+    state: dict[str, torch.Tensor] = {}
+    used = set()
+    if not from_file:  # wide weights: quantize each layer's as it is read
+        tied = config.text_config.tie_word_embeddings
+        for name, layer in layers.items():
+            source = f"{name}.weight"
+            if source not in index and tied and source == TIED_HEAD:
+                source = "language_model.embed_tokens.weight"  # the head is the embedding table
+            if source not in index:
+                raise PaliGemmaError(f"tensors missing from the checkpoint: {to_disk_name(source)}")
+            file, disk_name = index[source]
+            if file.shape(disk_name) != (layer.out_features, layer.in_features):
+                raise PaliGemmaError(f"weights of the wrong shape for this config: {disk_name} "
+                                     f"{list(file.shape(disk_name))}")
+            layer.to_empty(device=device)
+            step = max(1, QUANTIZE_CHUNK_BYTES // (layer.in_features * 4))
+            for start in range(0, layer.out_features, step):
+                rows = (start, min(layer.out_features, start + step))
+                layer.set_weight(file.read(disk_name, dtype, device, rows=rows), rows=slice(*rows))
+            used.add(source)
+            for buffer_name, buffer in layer.named_buffers():
+                state[f"{name}.{buffer_name}"] = buffer
+        if tied:
+            used.add(TIED_HEAD)
+    for name, tensor in expected.items():
+        if name in state:
+            continue
+        if name not in index:
+            raise PaliGemmaError(f"tensors missing from the checkpoint: {to_disk_name(name)}")
+        file, disk_name = index[name]
+        if file.shape(disk_name) != tuple(tensor.shape):
+            raise PaliGemmaError(f"weights of the wrong shape for this config: {disk_name} "
+                                 f"{list(file.shape(disk_name))} (expected {list(tensor.shape)})")
+        # A quantized layer's buffers come as the structure made them (codes in their integer dtype, int8 scales
+        # in float32, int4 scales and zeros in the model's dtype); everything else in the model's dtype.
+        wanted = tensor.dtype if name in quantized_buffers else dtype
+        if not wanted.is_floating_point and file.dtype(disk_name) != wanted:
+            raise PaliGemmaError(f"{disk_name} holds {file.dtype(disk_name)} values where codes of {wanted} belong")
+        state[name] = file.tensor(disk_name, wanted, device)
+        used.add(name)
+    unexpected = [disk_name for name, (_, disk_name) in index.items() if name not in used]
+    if unexpected:
+        raise PaliGemmaError(f"unexpected tensors in the checkpoint: {_describe(unexpected)}")
+    model.load_state_dict(state, assign=True, strict=True)
+    config.dtype = str(dtype).removeprefix("torch.")
+    return model.eval()
+
+
 def _accelerated(model: PaliGemmaForConditionalGeneration, accelerate: bool | None) -> PaliGemmaForConditionalGeneration:
     """Swap in the fast CPU products (`paligemma.kernels.accelerate`) unless told not to; on a GPU they do nothing."""
     if accelerate is None:
@@ -197,6 +283,10 @@ def load_model(
     """
     directory = resolve_checkpoint(name_or_path)
     config = read_config(directory / CONFIG_FILE)
+    if config.quantization is not None:
+        stored = config.quantization
+        model = _load_quantized(directory, config, device, dtype, stored["scheme"], stored["group_size"] or 128)
+        return _accelerated(model, accelerate)
     return _accelerated(_load_weights(directory, config, device, dtype, progress), accelerate)
 
 
@@ -224,12 +314,24 @@ def load_pretrained(
     directory = resolve_checkpoint(name_or_path)
     config = read_config(directory / CONFIG_FILE)
     processor = PaliGemmaProcessor.from_pretrained(directory, config)  # fail fast on a missing tokenizer
+    stored = config.quantization
+    if stored is not None and quantization is not None and (quantization, group_size if quantization == "int4"
+                                                            else None) != (stored["scheme"], stored["group_size"]):
+        raise PaliGemmaError(f"{directory} holds {stored['scheme']} weights already; load it without quantization= "
+                             "(or with the same scheme)")
+    if stored is not None and adapter is not None:
+        raise PaliGemmaError(f"{directory} holds quantized weights: merge the adapter into the wide model first")
+    if stored is not None or (quantization is not None and adapter is None):
+        scheme = stored["scheme"] if stored is not None else quantization
+        group = (stored["group_size"] if stored is not None else group_size) or 128
+        model = _accelerated(_load_quantized(directory, config, device, dtype, scheme, group), accelerate)
+        return model, processor
     model = _accelerated(_load_weights(directory, config, device, dtype, progress), accelerate)
     if adapter is not None:
         load_adapter(model, adapter)
         if merge:
             merge_lora(model)
-    if quantization is not None:
+    if quantization is not None:  # after merging the adapter into the wide weights
         from ..quantization import quantize
 
         quantize(model, quantization, group_size)

@@ -78,13 +78,23 @@ class SafetensorsFile:
             return None
         return self.bytes[begin:end].view(dtype).view(self.shape(name))
 
-    def read(self, name: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """The tensor converted to `dtype` on `device`, read `CONVERT_CHUNK_BYTES` at a time (plain reads, no map)."""
+    def read(self, name: str, dtype: torch.dtype, device: torch.device, rows: tuple[int, int] | None = None
+             ) -> torch.Tensor:
+        """The tensor (or its rows [start, stop) along the first dimension) converted to `dtype` on `device`, read
+        `CONVERT_CHUNK_BYTES` at a time with plain reads: nothing of the file is mapped into this process."""
         stored = self.dtype(name)
         item = _itemsize(stored)
-        out = torch.empty(self.shape(name), dtype=dtype, device=device)
-        flat = out.view(-1)
+        shape = list(self.shape(name))
         begin = self.data_start + self.entries[name]["data_offsets"][0]
+        if rows is not None:
+            start, stop = rows
+            if not shape or not 0 <= start <= stop <= shape[0]:
+                raise PaliGemmaError(f"rows {start}:{stop} of tensor {name} of shape {shape}")
+            row_elements = math.prod(shape[1:])
+            begin += start * row_elements * item
+            shape[0] = stop - start
+        out = torch.empty(shape, dtype=dtype, device=device)
+        flat = out.view(-1)
         per_chunk = max(1, CONVERT_CHUNK_BYTES // item)
         scratch = torch.empty(min(per_chunk, max(1, flat.numel())) * item, dtype=torch.uint8)
         buffer = memoryview(scratch.numpy())

@@ -251,6 +251,9 @@ class PaliGemmaConfig:
     projection_dim: int = 2048
     hidden_size: int = 2048
     dtype: str | None = None
+    # {"quant_method": "paligemma", "scheme": "int8" | "int4", "group_size": int | None, "kept": [...]} for a folder
+    # written by a quantized model (`paligemma.quantization`); None for wide weights.
+    quantization: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         # Accept plain dicts, as `PaliGemmaConfig(vision_config={...}, text_config={...})` in the docs does.
@@ -288,6 +291,13 @@ class PaliGemmaConfig:
         values = dict(values)
         # Older files carry `torch_dtype`; current ones `dtype`.
         values["dtype"] = values.get("dtype") or values.get("torch_dtype")
+        quantization = values.pop("quantization_config", None)
+        if quantization is not None:
+            method = quantization.get("quant_method") if isinstance(quantization, dict) else None
+            if method != "paligemma" or quantization.get("scheme") not in ("int8", "int4"):
+                raise PaliGemmaError(f"config.json describes weights quantized by {method!r}, which this library "
+                                     "does not read (it reads its own int8 and int4 folders)")
+            values["quantization"] = quantization
         return cls(**_known_fields(cls, values))
 
     def to_dict(self) -> dict[str, Any]:
@@ -313,4 +323,6 @@ class PaliGemmaConfig:
         }
         if self.dtype is not None:
             values["dtype"] = self.dtype
+        if self.quantization is not None:
+            values["quantization_config"] = dict(self.quantization)
         return values

@@ -70,20 +70,23 @@ class QuantizedLinear(nn.Module):
             layer.bias.data.copy_(linear.bias.detach())
         return layer
 
-    def set_weight(self, weight: torch.Tensor) -> None:
-        """Quantize `weight` [out, in] into this layer's buffers."""
-        if tuple(weight.shape) != (self.out_features, self.in_features):
-            raise PaliGemmaError(f"weight of shape {list(weight.shape)} for a layer of "
+    def set_weight(self, weight: torch.Tensor, rows: slice = slice(None)) -> None:
+        """Quantize `weight` [out, in], or the rows `rows` of it (a loader's chunk), into this layer's buffers.
+
+        Every scale belongs to one row, so quantizing a chunk of rows gives what quantizing the whole would."""
+        expected = len(range(self.out_features)[rows])
+        if tuple(weight.shape) != (expected, self.in_features):
+            raise PaliGemmaError(f"weight of shape {list(weight.shape)} for {expected} rows of a layer of "
                                  f"{[self.out_features, self.in_features]}")
         if self.scheme == "int8":
             quantized = quantize_int8(weight)
-            self.codes.copy_(quantized.codes)
-            self.scale.copy_(quantized.scale)
+            self.codes[rows] = quantized.codes
+            self.scale[rows] = quantized.scale
         else:
             quantized = quantize_int4(weight, self.group_size)
-            self.packed.copy_(quantized.packed)
-            self.scale.copy_(quantized.scale)
-            self.zero.copy_(quantized.zero)
+            self.packed[rows] = quantized.packed
+            self.scale[rows] = quantized.scale
+            self.zero[rows] = quantized.zero
         self._torchao_weight = None
 
     def quantized(self) -> Int8Weight | Int4Weight:

@@ -12,6 +12,7 @@ both, and the wide one goes.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -45,17 +46,17 @@ class QuantizedEmbedding(nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}, read from the quantized output head"
 
 
-def quantize(model: nn.Module, scheme: str = "int8", group_size: int = 128) -> dict[str, Any]:
-    """Replace the linear layers of `model` (a PaliGemma) by `QuantizedLinear`s, in place; returns what was done.
-
-    int4 quantizes a layer only where its inputs split into groups of `group_size` (SigLIP's 4304-wide MLP output,
-    for one, does not): such a layer keeps its weights as they were and is listed under "kept". Activations, norms,
-    embeddings' scale and the patch embedding stay as they are.
-    """
+def _check(scheme: str, group_size: int) -> None:
     if scheme not in SCHEMES:
         raise PaliGemmaError(f"unknown quantization {scheme!r}: choose {' or '.join(SCHEMES)}")
     if scheme == "int4" and group_size not in INT4_GROUP_SIZES:
         raise PaliGemmaError(f"int4 group size must be one of {INT4_GROUP_SIZES}, got {group_size!r}")
+
+
+def _replace_linears(model: nn.Module, scheme: str, group_size: int,
+                     make: Callable[[nn.Linear], QuantizedLinear]) -> dict[str, Any]:
+    """Put `make(layer)` in place of every linear layer the scheme can take; tie the embeddings to a quantized head;
+    record the result on the model and its config. Returns the record."""
     if getattr(model, "quantization", None):
         raise PaliGemmaError(f"this model is quantized already ({model.quantization['scheme']})")
     language = model.language_model
@@ -69,16 +70,40 @@ def quantize(model: nn.Module, scheme: str = "int8", group_size: int = 128) -> d
             if scheme == "int4" and (child.in_features % group_size or child.in_features % 32):
                 kept.append(full)
                 continue
-            setattr(parent, name, QuantizedLinear.from_linear(child, scheme, group_size))
+            setattr(parent, name, make(child))
             quantized.append(full)
             del child  # its weight goes with it, unless something else holds it (the tied embedding table)
     head = language.lm_head
     if tied and isinstance(head, QuantizedLinear):
         language.embed_tokens = QuantizedEmbedding(head)  # the wide table goes: the head's codes serve both
-    stored = sum(m.stored_bytes() for m in model.modules() if isinstance(m, QuantizedLinear))
-    model.quantization = {"scheme": scheme, "group_size": group_size if scheme == "int4" else None,
-                          "layers": len(quantized), "kept": kept, "stored_bytes": stored}
-    return model.quantization
+    model.quantization = {"quant_method": "paligemma", "scheme": scheme,
+                          "group_size": group_size if scheme == "int4" else None, "kept": kept}
+    model.config.quantization = dict(model.quantization)
+    return {**model.quantization, "layers": quantized}
+
+
+def quantize(model: nn.Module, scheme: str = "int8", group_size: int = 128) -> dict[str, Any]:
+    """Replace the linear layers of `model` (a PaliGemma) by `QuantizedLinear`s, in place; returns what was done.
+
+    int4 quantizes a layer only where its inputs split into groups of `group_size` (SigLIP's 4304-wide MLP output,
+    for one, does not): such a layer keeps its weights as they were and is listed under "kept". Norms, the patch
+    embedding and SigLIP's position embeddings stay as they are. The returned record (and `model.quantization`,
+    which `save_pretrained` writes into config.json) names the scheme; "layers" lists the quantized layers.
+    """
+    _check(scheme, group_size)
+    return _replace_linears(model, scheme, group_size, lambda layer: QuantizedLinear.from_linear(layer, scheme,
+                                                                                                 group_size))
+
+
+def quantized_structure(model: nn.Module, scheme: str, group_size: int, dtype: torch.dtype) -> dict[str, Any]:
+    """The same replacement on a model on the meta device, with empty layers of `dtype`: what a loader fills."""
+    _check(scheme, group_size)
+
+    def empty(layer: nn.Linear) -> QuantizedLinear:
+        return QuantizedLinear(layer.in_features, layer.out_features, scheme, group_size, layer.bias is not None,
+                               dtype, "meta")
+
+    return _replace_linears(model, scheme, group_size, empty)
 
 
 def model_bytes(model: nn.Module) -> int:
