@@ -69,6 +69,9 @@ def _add_ask(commands: argparse._SubParsersAction) -> None:
     ask.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     ask.add_argument("--dtype", default=None, choices=DTYPE_NAMES,
                      help="weights dtype (default: bf16 on cuda, fp32 on cpu)")
+    ask.add_argument("--quantization", default=None, choices=["int8", "int4"],
+                     help="quantize the linear layers as they load: int8 per row, or int4 in groups (--group-size)")
+    ask.add_argument("--group-size", type=int, default=128, choices=[32, 64, 128], help="int4's group (default 128)")
     ask.add_argument("--cache", default="dynamic", choices=CACHES,
                      help="KV cache: dynamic (default), static, graph (fixed-shape steps, CUDA graphs on a GPU) "
                      "or compiled (those steps compiled by torch.compile first: slow to start, faster after)")
@@ -86,7 +89,8 @@ def _ask(args: argparse.Namespace) -> int:
     images = [load_image(path) for path in args.image]  # one or more, all for the one prompt
     device = _device(args.device)
     dtype = args.dtype or ("bf16" if device.startswith("cuda") else "fp32")
-    model, processor = load_pretrained(args.model, device=device, dtype=dtype, progress=sys.stderr.isatty())
+    model, processor = load_pretrained(args.model, device=device, dtype=dtype, progress=sys.stderr.isatty(),
+                                       quantization=args.quantization, group_size=args.group_size)
     answer = generate(model, processor, images=[images], prompts=[args.prompt], cache=args.cache,
                       **dataclasses.asdict(settings))[0]
     print(answer)

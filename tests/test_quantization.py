@@ -246,3 +246,11 @@ def test_quantized_while_loading_and_saved(scheme, group_size, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(PaliGemmaError, match="quantized by 'bitsandbytes'"):
         load_pretrained(tmp_path)
+
+
+def test_ask_quantized(capsys):
+    from paligemma.cli import main
+
+    image = str(ROOT / "images" / "shapes_4.png")
+    assert main(["ask", "--image", image, "--prompt", "caption en", "--quantization", "int8", "--dtype", "bf16"]) == 0
+    assert "triangle" in capsys.readouterr().out
