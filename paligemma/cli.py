@@ -119,6 +119,10 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
     evaluate.add_argument("model", help="checkpoint folder or shipped name")
     evaluate.add_argument("--examples", type=int, default=500, help="held-out scenes (default 500)")
     evaluate.add_argument("--device", default="cpu")
+    evaluate.add_argument("--dtype", default="fp32", choices=DTYPE_NAMES, help="weights dtype (default fp32)")
+    evaluate.add_argument("--quantization", default=None, choices=["int8", "int4"],
+                          help="quantize the linear layers as they load: int8 per row, or int4 in groups")
+    evaluate.add_argument("--group-size", type=int, default=128, choices=[32, 64, 128], help="int4's group")
     evaluate.set_defaults(run=_evaluate)
 
 
@@ -145,7 +149,8 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     if args.examples < 1:
         raise PaliGemmaError(f"--examples must be at least 1, got {args.examples}")
-    print(json.dumps(evaluate_checkpoint(args.model, args.examples, device=args.device), indent=2))
+    print(json.dumps(evaluate_checkpoint(args.model, args.examples, device=args.device, dtype=args.dtype,
+                                         quantization=args.quantization, group_size=args.group_size), indent=2))
     return 0
 
 

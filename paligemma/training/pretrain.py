@@ -356,9 +356,14 @@ def train(out: str | Path, settings: TrainSettings, log=print) -> dict:
     return {"step": step, "final_loss": history[-1]["loss"] if history else None}
 
 
-def evaluate_checkpoint(name_or_path: str | Path, examples: int, seed: int = HELD_OUT_SEED, device: str = "cpu") -> dict:
-    """Score a checkpoint on `examples` held-out scenes (made with a seed training never uses)."""
-    model, processor = load_pretrained(name_or_path, device=device)
+def evaluate_checkpoint(name_or_path: str | Path, examples: int, seed: int = HELD_OUT_SEED, device: str = "cpu",
+                        dtype: str = "fp32", quantization: str | None = None, group_size: int = 128) -> dict:
+    """Score a checkpoint on `examples` held-out scenes (made with a seed training never uses), in `dtype`, its
+    linear layers quantized if asked ("int8", or "int4" in groups of `group_size`)."""
+    model, processor = load_pretrained(name_or_path, device=device, dtype=dtype, quantization=quantization,
+                                       group_size=group_size)
     size = model.config.vision_config.image_size
     metrics = evaluate(model, processor, shapes.make_dataset(seed, examples, size))
-    return {"examples": examples, "seed": seed, **{k: round(v, 4) for k, v in metrics.items()}}
+    weights = {"dtype": dtype, "quantization": quantization,
+               "group_size": group_size if quantization == "int4" else None}
+    return {"examples": examples, "seed": seed, **weights, **{k: round(v, 4) for k, v in metrics.items()}}
