@@ -101,6 +101,7 @@ def _ask(args: argparse.Namespace) -> int:
 
 
 def _add_train(commands: argparse._SubParsersAction) -> None:
+    from .io.checkpoint import DTYPE_NAMES
     from .training.pretrain import PRECISIONS, TrainSettings
 
     train = commands.add_parser("train", help="pretrain the tiny-shapes model on the shapes world",

@@ -122,8 +122,17 @@ double worst_error_int4(std::mt19937& random) {
       for (const Case c : {Case{m, 128, 37}, Case{m, 384, 9}, Case{m, 1152, 19}, Case{m, 2048, 3}}) {
         const int64_t groups = c.k / group;
         std::vector<float> x(c.m * c.k), scale(c.n * groups), zero(c.n * groups), sums(c.m * groups, 0.0f);
+        std::vector<typename V::X> x_given(c.m * c.k);
         std::vector<S> scale_s(scale.size()), zero_s(zero.size());
-        for (float& v : x) v = normal(random);
+        for (size_t i = 0; i < x.size(); ++i) {
+          x[i] = normal(random);
+          if constexpr (sizeof(typename V::X) == 2) {  // bf16 x: the reference takes the rounded values
+            x_given[i] = to_bf16(x[i]);
+            x[i] = pg::bf16_to_float(x_given[i]);
+          } else {
+            x_given[i] = x[i];
+          }
+        }
         for (size_t i = 0; i < scale.size(); ++i) {
           scale[i] = std::abs(normal(random)) * 0.01f;
           zero[i] = normal(random) * 0.01f;
@@ -148,7 +157,7 @@ double worst_error_int4(std::mt19937& random) {
           for (int64_t t = 0; t < c.k; ++t) sums[i * groups + t / group] += x[i * c.k + t];
         std::vector<float> y(c.m * c.n, 0.0f);
         const pg::Int4Weights<S> weights{packed.data(), scale_s.data(), zero_s.data(), sums.data(), group};
-        pg::run<V>(c.m, x.data(), weights, y.data(), c.k, c.n, Serial{});
+        pg::run<V>(c.m, x_given.data(), weights, y.data(), c.k, c.n, Serial{});
         for (int64_t i = 0; i < c.m; ++i) {
           for (int64_t j = 0; j < c.n; ++j) {
             double exact = 0, magnitude = 0;
@@ -190,6 +199,10 @@ int main() {
     failed |= report("avx512 int4", worst_error_int4<pg::Avx512Int4<uint16_t>, uint16_t>(random));
     failed |= report("avx512 int4 fp32 scales", worst_error_int4<pg::Avx512Int4<float>, float>(random));
     ran += 4;
+    if (__builtin_cpu_supports("avx512bf16")) {
+      failed |= report("avx512 int4 bf16 x", worst_error_int4<pg::Avx512Bf16Int4<uint16_t>, uint16_t>(random));
+      ++ran;
+    }
   }
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
     failed |= report("avx2 bf16", worst_error<pg::Avx2Bf16>(random));

@@ -190,11 +190,16 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& codes, const at::T
   return finish(sums, x, bias, dtype);
 }
 
+// bf16 x on a CPU with AVX-512's bf16 instructions goes to the VDPBF16PS kernel; everything else multiplies in fp32.
 template <typename S>
-void run_int4(const std::string& variant, int64_t M, const float* x, const pg::Int4Weights<S>& weights, float* y,
-              int64_t K, int64_t N) {
+void run_int4(const std::string& variant, int64_t M, const at::Tensor& x_given, const float* x,
+              const pg::Int4Weights<S>& weights, float* y, int64_t K, int64_t N) {
   const Threads threads;
 #if defined(PG_X86)
+  if (variant == "avx512" && x_given.scalar_type() == at::kBFloat16 && cpu_runs("avx512", true)) {
+    const auto* xb = reinterpret_cast<const uint16_t*>(x_given.data_ptr());
+    return pg::run<pg::Avx512Bf16Int4<S>>(M, xb, weights, y, K, N, threads);
+  }
   if (variant == "avx512") return pg::run<pg::Avx512Int4<S>>(M, x, weights, y, K, N, threads);
   if (variant == "avx2") return pg::run<pg::Avx2Int4<S>>(M, x, weights, y, K, N, threads);
   TORCH_CHECK(false, "no kernel variant '", variant, "' in this build");
@@ -232,11 +237,11 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::
     const pg::Int4Weights<uint16_t> weights{codes, reinterpret_cast<const uint16_t*>(scale.data_ptr()),
                                             reinterpret_cast<const uint16_t*>(zero.data_ptr()), group_sums.data(),
                                             group_size};
-    run_int4(variant, M, rows.data, weights, sums.data_ptr<float>(), K, N);
+    run_int4(variant, M, x, rows.data, weights, sums.data_ptr<float>(), K, N);
   } else {
     const pg::Int4Weights<float> weights{codes, scale.data_ptr<float>(), zero.data_ptr<float>(), group_sums.data(),
                                          group_size};
-    run_int4(variant, M, rows.data, weights, sums.data_ptr<float>(), K, N);
+    run_int4(variant, M, x, rows.data, weights, sums.data_ptr<float>(), K, N);
   }
   return finish(sums, x, bias, dtype);
 }

@@ -137,10 +137,12 @@ inline float scalar_value(S value) {
   }
 }
 
-// The int4 group's constant term for row n and group g, added to y once per group.
+// The int4 group's constant term for row n and group g, added to y once per group: zero - centre * scale, where the
+// kernel summed (codes + centre - 8) x. The fp32 kernels sum codes * x (centre 8); the bf16 one sums the bf16 numbers
+// 128 + codes (centre 136), which a single OR makes from a code.
 template <typename S>
-inline float int4_offset(const Int4Weights<S>& w, int64_t n, int64_t groups, int64_t g) {
-  return scalar_value(w.zero[n * groups + g]) - 8.0f * scalar_value(w.scale[n * groups + g]);
+inline float int4_offset(const Int4Weights<S>& w, int64_t n, int64_t groups, int64_t g, float centre = 8.0f) {
+  return scalar_value(w.zero[n * groups + g]) - centre * scalar_value(w.scale[n * groups + g]);
 }
 
 #if defined(PG_X86)
@@ -223,16 +225,27 @@ struct Avx512Int8 {
     __m512 acc[M][R];
     for (int m = 0; m < M; ++m)
       for (int r = 0; r < R; ++r) acc[m][r] = _mm512_setzero_ps();
-    for (int64_t k = k0; k < k1; k += 16) {
-      const __mmask16 mask = k + 16 <= k1 ? __mmask16(0xFFFF) : __mmask16((1u << (k1 - k)) - 1);
-      __m512 xv[M];
-      for (int m = 0; m < M; ++m) xv[m] = _mm512_maskz_loadu_ps(mask, x + m * K + k);
+    int64_t k = k0;
+    for (; k + 64 <= k1; k += 64) {  // a cache line of codes per row: one prefetch each, no masks
       for (int r = 0; r < R; ++r) {
         const int8_t* row = w.codes + (n0 + r) * K + k;
         _mm_prefetch(reinterpret_cast<const char*>(row) + kAheadBytes, _MM_HINT_T0);
         if (next_block) _mm_prefetch(reinterpret_cast<const char*>(row + R * K), _MM_HINT_T1);
+        for (int part = 0; part < 4; ++part) {
+          const __m128i sixteen = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 16 * part));
+          const __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(sixteen));
+          for (int m = 0; m < M; ++m)
+            acc[m][r] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + m * K + k + 16 * part), acc[m][r]);
+        }
+      }
+    }
+    for (; k < k1; k += 16) {  // the rest of the chunk, 16 at a time, the last masked
+      const __mmask16 mask = k + 16 <= k1 ? __mmask16(0xFFFF) : __mmask16((1u << (k1 - k)) - 1);
+      for (int r = 0; r < R; ++r) {
+        const int8_t* row = w.codes + (n0 + r) * K + k;
         const __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, row)));
-        for (int m = 0; m < M; ++m) acc[m][r] = _mm512_fmadd_ps(wv, xv[m], acc[m][r]);
+        for (int m = 0; m < M; ++m)
+          acc[m][r] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(mask, x + m * K + k), acc[m][r]);
       }
     }
     for (int m = 0; m < M; ++m)
@@ -265,7 +278,7 @@ struct Avx512Int4 {
       for (int64_t k = g0; k < g0 + w.group; k += 32) {
         for (int r = 0; r < R; ++r) {
           const uint8_t* bytes = w.packed + ((n0 + r) * K + k) / 2;
-          _mm_prefetch(reinterpret_cast<const char*>(bytes) + kAheadBytes, _MM_HINT_T0);
+          if ((k & 127) == 0) _mm_prefetch(reinterpret_cast<const char*>(bytes) + kAheadBytes, _MM_HINT_T0);
           const __m512i wide = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes)));
           const __m512 low = _mm512_cvtepi32_ps(_mm512_and_si512(wide, low_bits));  // codes k .. k + 15
           const __m512 high = _mm512_cvtepi32_ps(_mm512_srli_epi32(wide, 4));       // codes k + 16 .. k + 31
@@ -278,6 +291,61 @@ struct Avx512Int4 {
       for (int r = 0; r < R; ++r) {
         const __m512 scale = _mm512_set1_ps(scalar_value(w.scale[(n0 + r) * groups + g]));
         const float offset = int4_offset(w, n0 + r, groups, g);
+        for (int m = 0; m < M; ++m) {
+          acc[m][r] = _mm512_fmadd_ps(in_group[m][r], scale, acc[m][r]);
+          constant[m][r] += offset * w.group_sums[m * groups + g];
+        }
+      }
+    }
+    for (int m = 0; m < M; ++m)
+      for (int r = 0; r < R; ++r) y[m * N + n0 + r] += _mm512_reduce_add_ps(acc[m][r]) + constant[m][r];
+  }
+};
+
+// int4 weights, bf16 x, with AVX-512's bf16 instructions: a code c becomes the bf16 number 128 + c with one OR
+// (0x4300 is 128.0, and c fills the low mantissa bits), so VDPBF16PS multiplies 32 codes by x at once; each group's
+// sum of x times 128 + 8 goes into the group's constant term (`int4_offset` with centre 136). Products are exact, sums
+// fp32; the constant 128 costs about 4 bits of the fp32 sums' 24, far below the bf16 rounding of the result.
+template <typename S>
+struct Avx512Bf16Int4 {
+  using X = uint16_t;
+  using Weights = Int4Weights<S>;
+  template <int M>
+  static constexpr int rows_per_block() { return M == 1 ? 8 : M == 2 ? 4 : M <= 4 ? 2 : 1; }
+
+  template <int M, int R>
+  PG_AVX512 static void block(const X* x, Weights w, float* y, int64_t K, int64_t N, int64_t n0, int64_t k0,
+                              int64_t k1) {
+    const int64_t groups = K / w.group;
+    // Lanes 0-15 keep the low nibbles of the 16 bytes, lanes 16-31 the high ones: codes k .. k + 31 in order.
+    const __m512i shifts = _mm512_set_epi16(4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4,
+                                            0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
+    const __m512i low_bits = _mm512_set1_epi16(0xF), magic = _mm512_set1_epi16(0x4300);
+    __m512 acc[M][R];
+    float constant[M][R];
+    for (int m = 0; m < M; ++m)
+      for (int r = 0; r < R; ++r) acc[m][r] = _mm512_setzero_ps(), constant[m][r] = 0.0f;
+    for (int64_t g0 = k0; g0 < k1; g0 += w.group) {
+      const int64_t g = g0 / w.group;
+      __m512 in_group[M][R];
+      for (int m = 0; m < M; ++m)
+        for (int r = 0; r < R; ++r) in_group[m][r] = _mm512_setzero_ps();
+      for (int64_t k = g0; k < g0 + w.group; k += 32) {
+        for (int r = 0; r < R; ++r) {
+          const uint8_t* bytes = w.packed + ((n0 + r) * K + k) / 2;
+          if ((k & 127) == 0) _mm_prefetch(reinterpret_cast<const char*>(bytes) + kAheadBytes, _MM_HINT_T0);
+          const __m128i sixteen = _mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes));
+          __m512i codes = _mm512_cvtepu8_epi16(_mm256_broadcastsi128_si256(sixteen));  // [b0..b15, b0..b15]
+          codes = _mm512_srlv_epi16(codes, shifts);
+          codes = _mm512_ternarylogic_epi32(codes, low_bits, magic, 0xEA);  // (codes & 0xF) | 0x4300
+          for (int m = 0; m < M; ++m)
+            in_group[m][r] = _mm512_dpbf16_ps(in_group[m][r], (__m512bh)codes,
+                                              (__m512bh)_mm512_loadu_si512(x + m * K + k));
+        }
+      }
+      for (int r = 0; r < R; ++r) {
+        const __m512 scale = _mm512_set1_ps(scalar_value(w.scale[(n0 + r) * groups + g]));
+        const float offset = int4_offset(w, n0 + r, groups, g, 136.0f);
         for (int m = 0; m < M; ++m) {
           acc[m][r] = _mm512_fmadd_ps(in_group[m][r], scale, acc[m][r]);
           constant[m][r] += offset * w.group_sums[m * groups + g];
@@ -376,11 +444,22 @@ struct Avx2Int8 {
     for (int m = 0; m < M; ++m)
       for (int r = 0; r < R; ++r) acc[m][r] = _mm256_setzero_ps();
     int64_t k = k0;
-    for (; k + 8 <= k1; k += 8) {
+    for (; k + 64 <= k1; k += 64) {  // a cache line of codes per row: one prefetch each
       for (int r = 0; r < R; ++r) {
         const int8_t* row = w.codes + (n0 + r) * K + k;
         _mm_prefetch(reinterpret_cast<const char*>(row) + kAheadBytes, _MM_HINT_T0);
         if (next_block) _mm_prefetch(reinterpret_cast<const char*>(row + R * K), _MM_HINT_T1);
+        for (int part = 0; part < 8; ++part) {
+          const __m128i eight = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + 8 * part));
+          const __m256 wv = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(eight));
+          for (int m = 0; m < M; ++m)
+            acc[m][r] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + m * K + k + 8 * part), acc[m][r]);
+        }
+      }
+    }
+    for (; k + 8 <= k1; k += 8) {
+      for (int r = 0; r < R; ++r) {
+        const int8_t* row = w.codes + (n0 + r) * K + k;
         const __m128i eight = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row));
         const __m256 wv = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(eight));
         for (int m = 0; m < M; ++m) acc[m][r] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + m * K + k), acc[m][r]);
@@ -421,7 +500,7 @@ struct Avx2Int4 {
       for (int64_t k = g0; k < g0 + w.group; k += 32) {
         for (int r = 0; r < R; ++r) {
           const uint8_t* bytes = w.packed + ((n0 + r) * K + k) / 2;
-          _mm_prefetch(reinterpret_cast<const char*>(bytes) + kAheadBytes, _MM_HINT_T0);
+          if ((k & 127) == 0) _mm_prefetch(reinterpret_cast<const char*>(bytes) + kAheadBytes, _MM_HINT_T0);
           const __m128i all = _mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes));
           const __m256i first = _mm256_cvtepu8_epi32(all);                      // bytes 0 .. 7
           const __m256i second = _mm256_cvtepu8_epi32(_mm_srli_si128(all, 8));  // bytes 8 .. 15
