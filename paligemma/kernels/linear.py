@@ -24,6 +24,7 @@ stay those of the reference, operation for operation.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sys
 import threading
@@ -146,12 +147,17 @@ def cpu_variants(dtype: torch.dtype = torch.bfloat16) -> tuple[str, ...]:
     """The streaming kernel's variants this CPU runs for weights of `dtype`, fastest first (none without the kernel).
 
     AVX-512 counts for bf16 weights only with its bf16 instructions (Zen 4, Sapphire Rapids); AVX2 needs FMA too.
+    Asked once per dtype (every product asks, and a decoding step makes hundreds).
     """
+    return _cpu_variants(dtype == torch.bfloat16)
+
+
+@functools.cache
+def _cpu_variants(bf16: bool) -> tuple[str, ...]:
     module = KERNEL.get()
     if module is None:
         return ()
-    names = module.cpu_variants(dtype == torch.bfloat16)
-    return tuple(name for name in names.split(",") if name)
+    return tuple(name for name in module.cpu_variants(bf16).split(",") if name)
 
 
 def kernel_variant(dtype: torch.dtype = torch.bfloat16) -> str | None:

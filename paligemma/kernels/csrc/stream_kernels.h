@@ -265,6 +265,7 @@ struct Avx512Int4 {
   PG_AVX512 static void block(const X* x, Weights w, float* y, int64_t K, int64_t N, int64_t n0, int64_t k0,
                               int64_t k1) {
     const int64_t groups = K / w.group;
+    const bool next_block = n0 + 2 * R <= N;  // int4 rows are short (1 KB at K = 2048): fetch the next block's early
     const __m512i low_bits = _mm512_set1_epi32(0xF);
     __m512 acc[M][R];
     float constant[M][R];
@@ -278,7 +279,10 @@ struct Avx512Int4 {
       for (int64_t k = g0; k < g0 + w.group; k += 32) {
         for (int r = 0; r < R; ++r) {
           const uint8_t* bytes = w.packed + ((n0 + r) * K + k) / 2;
-          if ((k & 127) == 0) _mm_prefetch(reinterpret_cast<const char*>(bytes) + kAheadBytes, _MM_HINT_T0);
+          if ((k & 127) == 0) {  // once a cache line: further along this row, and the same place in the next block
+            _mm_prefetch(reinterpret_cast<const char*>(bytes) + kAheadBytes, _MM_HINT_T0);
+            if (next_block) _mm_prefetch(reinterpret_cast<const char*>(bytes + R * K / 2), _MM_HINT_T1);
+          }
           const __m512i wide = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes)));
           const __m512 low = _mm512_cvtepi32_ps(_mm512_and_si512(wide, low_bits));  // codes k .. k + 15
           const __m512 high = _mm512_cvtepi32_ps(_mm512_srli_epi32(wide, 4));       // codes k + 16 .. k + 31
@@ -317,6 +321,7 @@ struct Avx512Bf16Int4 {
   PG_AVX512 static void block(const X* x, Weights w, float* y, int64_t K, int64_t N, int64_t n0, int64_t k0,
                               int64_t k1) {
     const int64_t groups = K / w.group;
+    const bool next_block = n0 + 2 * R <= N;  // int4 rows are short (1 KB at K = 2048): fetch the next block's early
     // Lanes 0-15 keep the low nibbles of the 16 bytes, lanes 16-31 the high ones: codes k .. k + 31 in order.
     const __m512i shifts = _mm512_set_epi16(4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4,
                                             0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
@@ -333,7 +338,10 @@ struct Avx512Bf16Int4 {
       for (int64_t k = g0; k < g0 + w.group; k += 32) {
         for (int r = 0; r < R; ++r) {
           const uint8_t* bytes = w.packed + ((n0 + r) * K + k) / 2;
-          if ((k & 127) == 0) _mm_prefetch(reinterpret_cast<const char*>(bytes) + kAheadBytes, _MM_HINT_T0);
+          if ((k & 127) == 0) {  // once a cache line: further along this row, and the same place in the next block
+            _mm_prefetch(reinterpret_cast<const char*>(bytes) + kAheadBytes, _MM_HINT_T0);
+            if (next_block) _mm_prefetch(reinterpret_cast<const char*>(bytes + R * K / 2), _MM_HINT_T1);
+          }
           const __m128i sixteen = _mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes));
           __m512i codes = _mm512_cvtepu8_epi16(_mm256_broadcastsi128_si256(sixteen));  // [b0..b15, b0..b15]
           codes = _mm512_srlv_epi16(codes, shifts);
@@ -487,6 +495,7 @@ struct Avx2Int4 {
   PG_AVX2 static void block(const X* x, Weights w, float* y, int64_t K, int64_t N, int64_t n0, int64_t k0,
                             int64_t k1) {
     const int64_t groups = K / w.group;
+    const bool next_block = n0 + 2 * R <= N;  // int4 rows are short (1 KB at K = 2048): fetch the next block's early
     const __m256i low_bits = _mm256_set1_epi32(0xF);
     __m256 acc[M][R];
     float constant[M][R];
@@ -500,7 +509,10 @@ struct Avx2Int4 {
       for (int64_t k = g0; k < g0 + w.group; k += 32) {
         for (int r = 0; r < R; ++r) {
           const uint8_t* bytes = w.packed + ((n0 + r) * K + k) / 2;
-          if ((k & 127) == 0) _mm_prefetch(reinterpret_cast<const char*>(bytes) + kAheadBytes, _MM_HINT_T0);
+          if ((k & 127) == 0) {  // once a cache line: further along this row, and the same place in the next block
+            _mm_prefetch(reinterpret_cast<const char*>(bytes) + kAheadBytes, _MM_HINT_T0);
+            if (next_block) _mm_prefetch(reinterpret_cast<const char*>(bytes + R * K / 2), _MM_HINT_T1);
+          }
           const __m128i all = _mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes));
           const __m256i first = _mm256_cvtepu8_epi32(all);                      // bytes 0 .. 7
           const __m256i second = _mm256_cvtepu8_epi32(_mm_srli_si128(all, 8));  // bytes 8 .. 15
@@ -624,6 +636,7 @@ struct NeonInt4 {
   template <int M, int R>
   static void block(const X* x, Weights w, float* y, int64_t K, int64_t N, int64_t n0, int64_t k0, int64_t k1) {
     const int64_t groups = K / w.group;
+    const bool next_block = n0 + 2 * R <= N;  // int4 rows are short (1 KB at K = 2048): fetch the next block's early
     float32x4_t acc[M][R];
     float constant[M][R];
     for (int m = 0; m < M; ++m)
@@ -636,7 +649,10 @@ struct NeonInt4 {
       for (int64_t k = g0; k < g0 + w.group; k += 32) {
         for (int r = 0; r < R; ++r) {
           const uint8_t* bytes = w.packed + ((n0 + r) * K + k) / 2;
-          __builtin_prefetch(reinterpret_cast<const char*>(bytes) + kAheadBytes);
+          if ((k & 127) == 0) {
+            __builtin_prefetch(reinterpret_cast<const char*>(bytes) + kAheadBytes);
+            if (next_block) __builtin_prefetch(reinterpret_cast<const char*>(bytes + R * K / 2));
+          }
           const uint8x16_t all = vld1q_u8(bytes);
           const uint8x16_t halves[2] = {vandq_u8(all, vdupq_n_u8(0xF)), vshrq_n_u8(all, 4)};  // k.., k + 16..
           for (int half = 0; half < 2; ++half) {
