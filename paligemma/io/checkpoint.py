@@ -275,18 +275,26 @@ def load_model(
     dtype: torch.dtype | str | None = torch.float32,
     progress: bool = False,
     accelerate: bool | None = None,
+    quantization: str | None = None,
+    group_size: int = 128,
 ) -> PaliGemmaForConditionalGeneration:
     """Build the model from a checkpoint folder's config and weights, converting each tensor to `dtype` on `device`.
 
     `accelerate` (default: on a CPU) swaps in `paligemma.kernels`' products; float32 models keep PyTorch's own
-    unless `fast_paths(fp32=True)` says otherwise, so their numerics stay those of the reference.
+    unless `fast_paths(fp32=True)` says otherwise, so their numerics stay those of the reference. `quantization`
+    ("int8", or "int4" in groups of `group_size`) quantizes the linear layers as the weights are read.
     """
     directory = resolve_checkpoint(name_or_path)
     config = read_config(directory / CONFIG_FILE)
-    if config.quantization is not None:
-        stored = config.quantization
-        model = _load_quantized(directory, config, device, dtype, stored["scheme"], stored["group_size"] or 128)
-        return _accelerated(model, accelerate)
+    stored = config.quantization
+    if stored is not None and quantization is not None and (quantization, group_size if quantization == "int4"
+                                                            else None) != (stored["scheme"], stored["group_size"]):
+        raise PaliGemmaError(f"{directory} holds {stored['scheme']} weights already; load it without quantization= "
+                             "(or with the same scheme)")
+    if stored is not None or quantization is not None:
+        scheme = stored["scheme"] if stored is not None else quantization
+        group = (stored["group_size"] if stored is not None else group_size) or 128
+        return _accelerated(_load_quantized(directory, config, device, dtype, scheme, group), accelerate)
     return _accelerated(_load_weights(directory, config, device, dtype, progress), accelerate)
 
 
@@ -315,16 +323,10 @@ def load_pretrained(
     config = read_config(directory / CONFIG_FILE)
     processor = PaliGemmaProcessor.from_pretrained(directory, config)  # fail fast on a missing tokenizer
     stored = config.quantization
-    if stored is not None and quantization is not None and (quantization, group_size if quantization == "int4"
-                                                            else None) != (stored["scheme"], stored["group_size"]):
-        raise PaliGemmaError(f"{directory} holds {stored['scheme']} weights already; load it without quantization= "
-                             "(or with the same scheme)")
     if stored is not None and adapter is not None:
         raise PaliGemmaError(f"{directory} holds quantized weights: merge the adapter into the wide model first")
     if stored is not None or (quantization is not None and adapter is None):
-        scheme = stored["scheme"] if stored is not None else quantization
-        group = (stored["group_size"] if stored is not None else group_size) or 128
-        model = _accelerated(_load_quantized(directory, config, device, dtype, scheme, group), accelerate)
+        model = load_model(directory, device, dtype, progress, accelerate, quantization, group_size)
         return model, processor
     model = _accelerated(_load_weights(directory, config, device, dtype, progress), accelerate)
     if adapter is not None:
