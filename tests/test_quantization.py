@@ -254,3 +254,23 @@ def test_ask_quantized(capsys):
     image = str(ROOT / "images" / "shapes_4.png")
     assert main(["ask", "--image", image, "--prompt", "caption en", "--quantization", "int8", "--dtype", "bf16"]) == 0
     assert "triangle" in capsys.readouterr().out
+
+
+def test_quantized_decode_benchmark_runs():
+    """The benchmark's whole path on the tiny preset: every format and variant measured against its own bound,
+    torchao's int8 in transformers beside it, and the agreement of bf16 with itself exactly 1."""
+    from paligemma.bench.quantized_decode import format_table, run
+
+    report = run("tiny", batches=(1,), new_tokens=3, repeats=1, positions=16, log=lambda message: None)
+    formats = {(r["format"], r["variant"]) for r in report["results"]}
+    for variant in linear.cpu_variants():
+        assert {(name, variant) for name in ("bf16", "int8", "int4-g128", "int4-g32")} <= formats
+    assert ("transformers + torchao int8", "-") in formats
+    assert report["agreement"]["bf16"] == 1.0 and 0 <= report["agreement"]["int4-g32"] <= 1
+    rows = {r["format"]: r for r in report["results"] if r["variant"] == linear.cpu_variants()[0]}
+    assert rows["int8"]["bytes_per_step"] < rows["bf16"]["bytes_per_step"]
+    assert rows["int4-g32"]["bytes_per_step"] < rows["int8"]["bytes_per_step"]
+    # the tiny preset's 64-wide layers do not split into groups of 128: int4-g128 keeps them, and the head, wide
+    assert rows["int4-g128"]["bytes_per_step"] <= rows["bf16"]["bytes_per_step"]
+    assert all(r["decode_tokens_per_s"] > 0 for r in report["results"])
+    assert "top-1 agreement with bf16" in format_table(report)

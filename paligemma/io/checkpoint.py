@@ -238,8 +238,9 @@ def _load_quantized(
                 state[f"{name}.{buffer_name}"] = buffer
         if tied:
             used.add(TIED_HEAD)
+    head_kept_wide = config.text_config.tie_word_embeddings and TIED_HEAD in expected  # int4 can keep it
     for name, tensor in expected.items():
-        if name in state:
+        if name in state or (head_kept_wide and name == TIED_HEAD):
             continue
         if name not in index:
             raise PaliGemmaError(f"tensors missing from the checkpoint: {to_disk_name(name)}")
@@ -257,7 +258,12 @@ def _load_quantized(
     unexpected = [disk_name for name, (_, disk_name) in index.items() if name not in used]
     if unexpected:
         raise PaliGemmaError(f"unexpected tensors in the checkpoint: {_describe(unexpected)}")
+    if head_kept_wide:  # the head is the embedding table, as in the wide model
+        state[TIED_HEAD] = state["language_model.embed_tokens.weight"]
+        used.add(TIED_HEAD)
     model.load_state_dict(state, assign=True, strict=True)
+    if head_kept_wide:
+        model.language_model.tie_weights()
     config.dtype = str(dtype).removeprefix("torch.")
     return model.eval()
 
