@@ -83,7 +83,8 @@ def _replace_linears(model: nn.Module, scheme: str, group_size: int,
 
 
 def quantize(model: nn.Module, scheme: str = "int8", group_size: int = 128) -> dict[str, Any]:
-    """Replace the linear layers of `model` (a PaliGemma) by `QuantizedLinear`s, in place; returns what was done.
+    """Replace the linear layers of `model` (a PaliGemma) by `QuantizedLinear` layers, in place; returns what
+    was done.
 
     int4 quantizes a layer only where its inputs split into groups of `group_size` (SigLIP's 4304-wide MLP output,
     for one, does not): such a layer keeps its weights as they were and is listed under "kept". Norms, the patch

@@ -1,12 +1,12 @@
 """Weight-only quantization schemes: int8 per output channel and int4 in groups, computed as torchao computes them.
 
-**int8**, symmetric, one float32 scale per output row n (torchao's `Int8WeightOnlyConfig`, per row):
+**int8**, symmetric, one float32 scale per output row n (torchao's `Int8WeightOnlyConfig`, per row)::
 
     scale[n] = max(max_k |W[n, k]|, eps) / 127.5          in the weight's dtype, then float32
     q[n, k]  = clamp(round(W[n, k] / scale[n]), -128, 127)  so W ~ q * scale
 
 **int4**, asymmetric, a scale and a zero per group of G consecutive inputs, G = 32, 64 or 128 (torchao's
-`Int4WeightOnlyConfig` with the tinygemm parameters; the zero lives in the weights' domain, not the integers'):
+`Int4WeightOnlyConfig` with the tinygemm parameters; the zero lives in the weights' domain, not the integers')::
 
     scale = max((max_g - min_g) / 15, smallest normal)     zero = min_g + 8 * scale     in the weight's dtype
     q     = clamp(round((W - (zero - 8 * scale)) / scale), 0, 15)                        so W ~ (q - 8) * scale + zero
