@@ -19,6 +19,7 @@ from PIL import Image
 from torch.testing import assert_close
 
 from paligemma.bench.distributed_plan import GEMMA2_SIZES
+from paligemma.kernels.cpu import is_arm64
 
 TOL = dict(atol=1e-5, rtol=1e-5)  # float32 against transformers, or one computation against another in float32
 
@@ -26,6 +27,9 @@ TOKENIZER_VOCAB = 1600
 TEXT_VOCAB = 1664  # padded past the tokenizer, as PaliGemma 1 pads 257152 pieces to 257216 rows
 WINDOW = 6  # the tiny PaliGemma 2's sliding window: much shorter than its sequences
 PROMPTS = ["caption en", "answer en what color is the big circle on the left?"]
+# The streaming kernel's variants for this CPU's architecture: a test of one is skipped only where the CPU lacks its
+# instructions (AVX-512 on an AVX2-only x86 machine).
+ARCHITECTURE_VARIANTS = ("neon",) if is_arm64() else ("avx512", "avx2")
 
 WORDS = (
     "a an the red green blue yellow purple orange black white circle square triangle shape shapes cat dog car "

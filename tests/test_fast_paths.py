@@ -8,16 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import ARCHITECTURE_VARIANTS
 from paligemma import PaliGemmaError, bench, load_model
 from paligemma.kernels import linear
-from paligemma.kernels.cpu import is_arm64
 from paligemma.models.config import PaliGemmaConfig
 from paligemma.inference.generation import generate_ids
 from paligemma.inference.sampling import GenerationSettings
 
 needs_kernel = pytest.mark.skipif(linear.KERNEL.get() is None, reason=f"streaming kernel: {linear.kernel_status()}")
-# The variants of this CPU's architecture; a test of one is skipped only on a CPU without its instructions.
-ARCHITECTURE_VARIANTS = ("neon",) if is_arm64() else ("avx512", "avx2")
 
 
 def runs(variant: str, dtype: torch.dtype = torch.bfloat16) -> str:
@@ -134,6 +132,9 @@ def test_variant_switch_names_what_it_cannot_do():
         with pytest.raises(RuntimeError, match=f"cannot run the '{missing}' kernel variant"):
             linear.KERNEL.get().few_rows_linear(x, weight, variant=missing)  # the operator checks too: no SIGILL
     assert linear.kernel_status().startswith("compiled: ")
+    best = linear.cpu_variants()[0]  # the operator's default, "auto", is the best this CPU runs
+    kernel = linear.KERNEL.get()
+    assert torch.equal(kernel.few_rows_linear(x, weight), kernel.few_rows_linear(x, weight, variant=best))
 
 
 def test_widened_path_is_as_exact_as_float32(monkeypatch):

@@ -8,12 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from helpers import ARCHITECTURE_VARIANTS
 from paligemma import PaliGemmaError, generate, load_pretrained
 from paligemma.kernels import linear
-from paligemma.kernels.cpu import is_arm64
 from paligemma.quantization import QuantizedEmbedding, QuantizedLinear, model_bytes, quantize
 from paligemma.quantization.schemes import (
     dequantize_int4,
@@ -26,7 +25,6 @@ from paligemma.quantization.schemes import (
 
 warnings.filterwarnings("ignore", module="torchao")
 ROOT = Path(__file__).resolve().parent.parent
-ARCHITECTURE_VARIANTS = ("neon",) if is_arm64() else ("avx512", "avx2")
 
 
 def weights(dtype: torch.dtype, rows: int = 96, columns: int = 384, seed: int = 0) -> torch.Tensor:

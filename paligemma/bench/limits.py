@@ -34,11 +34,12 @@ def measure_bandwidth(device: torch.device, size_bytes: int = 1 << 30, repeats: 
     own streaming kernel) and the fastest is taken as the bandwidth: the bound is what the machine can do, not
     what one kernel happens to reach.
     """
-    from ..kernels.linear import KERNEL
+    from ..kernels.linear import KERNEL, kernel_variant
 
     results: dict[str, float] = {}
     kernels = [("sum_fp32", torch.float32), ("sum_bf16", torch.bfloat16), ("gemv_fp32", torch.float32)]
-    if device.type == "cpu" and KERNEL.get() is not None:
+    variant = kernel_variant(torch.bfloat16) if device.type == "cpu" else None
+    if variant is not None:
         kernels.append(("streaming_kernel_bf16", torch.bfloat16))  # this library's decoding kernel, one row of x
     for name, dtype in kernels:
         elements = size_bytes // torch.empty((), dtype=dtype).element_size()
@@ -50,7 +51,7 @@ def measure_bandwidth(device: torch.device, size_bytes: int = 1 << 30, repeats: 
         elif name == "streaming_kernel_bf16":
             matrix = buffer.view(-1, 2048)  # [elements / 2048, 2048]
             row = torch.ones(1, 2048, dtype=dtype)
-            fn = lambda: KERNEL.get().few_rows_linear(row, matrix)  # noqa: E731
+            fn = lambda: KERNEL.get().few_rows_linear(row, matrix, variant=variant)  # noqa: E731
         else:
             fn = lambda: buffer.sum()  # noqa: E731
         seconds = min(best_time(fn, repeats, device))

@@ -139,7 +139,7 @@ def _register_fake() -> None:
 
     @torch.library.register_fake("paligemma::few_rows_linear")
     def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-          dtype: torch.dtype | None = None, variant: str = "avx512") -> torch.Tensor:
+          dtype: torch.dtype | None = None, variant: str = "auto") -> torch.Tensor:
         return x.new_empty((x.shape[0], weight.shape[0]), dtype=dtype or x.dtype)
 
 

@@ -34,6 +34,15 @@ bool cpu_runs(const std::string& variant, bool bf16) {
 #endif
 }
 
+// "auto" -> the best variant this CPU runs (for bf16 weights when `bf16`); any other name is returned as it is.
+std::string resolve(const std::string& variant, bool bf16) {
+  if (variant != "auto") return variant;
+  for (const char* name : {"avx512", "avx2", "neon"})
+    if (cpu_runs(name, bf16)) return name;
+  TORCH_CHECK(false, "this CPU runs none of the streaming kernel's variants (it needs AVX2 and FMA, or ARM64)");
+  return "";
+}
+
 // Runs fn(b0, b1) over ranges of `blocks` on PyTorch's threads.
 struct Threads {
   template <typename Fn>
@@ -86,37 +95,6 @@ void run_variant(const std::string& variant, int64_t M, const at::Tensor& x, con
   TORCH_CHECK(false, "no kernel variant '", variant, "' in this build (it has: ", pg::built_variants(), ")");
 }
 
-}  // namespace
-
-// x [M, K] (M from 1 to 8), weight [N, K], both contiguous, both bf16 or both fp32, optional bias [N] -> y [M, N],
-// by the named variant. The result is float32 (`dtype` float32, to keep the sums) or x's dtype (the default).
-at::Tensor few_rows_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                           std::optional<at::ScalarType> dtype, const std::string& variant) {
-  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1), "shapes: x [M, K], weight [N, K]");
-  TORCH_CHECK(x.is_contiguous() && weight.is_contiguous(), "x and weight must be contiguous");
-  TORCH_CHECK(x.scalar_type() == weight.scalar_type(), "x and weight must have the same dtype");
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat, "bf16 or fp32");
-  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
-  TORCH_CHECK(M >= 1 && M <= 8, "between 1 and 8 rows of x");
-  TORCH_CHECK(cpu_runs(variant, x.scalar_type() == at::kBFloat16), "this CPU cannot run the '", variant,
-              "' kernel variant");
-  const at::ScalarType out_dtype = dtype.value_or(x.scalar_type());
-  TORCH_CHECK(out_dtype == at::kFloat || out_dtype == x.scalar_type(), "the result is float32 or x's dtype");
-  auto sums = at::zeros({M, N}, x.options().dtype(at::kFloat));
-  float* yp = sums.data_ptr<float>();
-  run_variant(variant, M, x, weight, yp, K, N);
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, "bias [N]");
-    sums.add_(bias->to(at::kFloat).view({1, N}));  // added to the fp32 sums, as PyTorch's bf16 kernels do
-  }
-  if (out_dtype == at::kFloat) return sums;
-  auto out = at::empty({M, N}, x.options());
-  round_to_bf16(yp, reinterpret_cast<uint16_t*>(out.data_ptr()), M * N);
-  return out;
-}
-
-namespace {
-
 // x [M, K] as fp32 (widened once when bf16), for the kernels that multiply in fp32.
 struct Float32Rows {
   std::vector<float> copy;
@@ -137,7 +115,8 @@ void check_rows(const at::Tensor& x, int64_t K) {
   TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= 8, "between 1 and 8 rows of x");
 }
 
-// The fp32 sums plus the bias, as float32 or rounded once to x's dtype.
+// The fp32 sums plus the bias (added to the sums, as PyTorch's bf16 kernels do), as float32 or rounded once to x's
+// dtype.
 at::Tensor finish(at::Tensor sums, const at::Tensor& x, const std::optional<at::Tensor>& bias,
                   std::optional<at::ScalarType> dtype) {
   const int64_t N = sums.size(1);
@@ -157,13 +136,34 @@ at::Tensor finish(at::Tensor sums, const at::Tensor& x, const std::optional<at::
   return out;
 }
 
+
 }  // namespace
+
+// x [M, K] (M from 1 to 8), weight [N, K], both contiguous, both bf16 or both fp32, optional bias [N] -> y [M, N],
+// by the named variant. The result is float32 (`dtype` float32, to keep the sums) or x's dtype (the default).
+at::Tensor few_rows_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                           std::optional<at::ScalarType> dtype, const std::string& requested) {
+  const std::string variant = resolve(requested, x.scalar_type() == at::kBFloat16);
+  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1), "shapes: x [M, K], weight [N, K]");
+  TORCH_CHECK(x.is_contiguous() && weight.is_contiguous(), "x and weight must be contiguous");
+  TORCH_CHECK(x.scalar_type() == weight.scalar_type(), "x and weight must have the same dtype");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat, "bf16 or fp32");
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
+  TORCH_CHECK(M >= 1 && M <= 8, "between 1 and 8 rows of x");
+  TORCH_CHECK(cpu_runs(variant, x.scalar_type() == at::kBFloat16), "this CPU cannot run the '", variant,
+              "' kernel variant");
+  auto sums = at::zeros({M, N}, x.options().dtype(at::kFloat));
+  run_variant(variant, M, x, weight, sums.data_ptr<float>(), K, N);
+  return finish(sums, x, bias, dtype);
+}
+
 
 // x [M, K] (bf16 or fp32), int8 codes [N, K] and float32 scales [N]: y = x (codes * scale)^T (+ bias), by the named
 // variant; each code is widened in registers, never a whole weight in memory.
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
                        const std::optional<at::Tensor>& bias, std::optional<at::ScalarType> dtype,
-                       const std::string& variant) {
+                       const std::string& requested) {
+  const std::string variant = resolve(requested, false);
   TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == at::kChar && codes.is_contiguous(), "codes: int8 [N, K]");
   const int64_t N = codes.size(0), K = codes.size(1);
   check_rows(x, K);
@@ -190,6 +190,8 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& codes, const at::T
   return finish(sums, x, bias, dtype);
 }
 
+namespace {
+
 // bf16 x on a CPU with AVX-512's bf16 instructions goes to the VDPBF16PS kernel; everything else multiplies in fp32.
 template <typename S>
 void run_int4(const std::string& variant, int64_t M, const at::Tensor& x_given, const float* x,
@@ -208,11 +210,14 @@ void run_int4(const std::string& variant, int64_t M, const at::Tensor& x_given, 
 #endif
 }
 
+}  // namespace
+
 // x [M, K] (bf16 or fp32), int4 codes packed [N, K / 2] (see stream_kernels.h), scale and zero [N, K / G] in bf16 or
 // fp32: y = x ((codes - 8) * scale + zero)^T (+ bias), by the named variant.
 at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale, const at::Tensor& zero,
                        int64_t group_size, const std::optional<at::Tensor>& bias,
-                       std::optional<at::ScalarType> dtype, const std::string& variant) {
+                       std::optional<at::ScalarType> dtype, const std::string& requested) {
+  const std::string variant = resolve(requested, false);
   TORCH_CHECK(packed.dim() == 2 && packed.scalar_type() == at::kByte && packed.is_contiguous(),
               "packed codes: uint8 [N, K / 2]");
   const int64_t N = packed.size(0), K = packed.size(1) * 2;
@@ -257,12 +262,12 @@ std::string cpu_variants(bool bf16) {
 
 // An operator of its own, torch.ops.paligemma.few_rows_linear, so that the profiler names it.
 TORCH_LIBRARY(paligemma, m) {
-  m.def("few_rows_linear(Tensor x, Tensor weight, Tensor? bias=None, ScalarType? dtype=None, str variant='avx512')"
+  m.def("few_rows_linear(Tensor x, Tensor weight, Tensor? bias=None, ScalarType? dtype=None, str variant='auto')"
         " -> Tensor");
   m.def("int8_linear(Tensor x, Tensor codes, Tensor scale, Tensor? bias=None, ScalarType? dtype=None,"
-        " str variant='avx512') -> Tensor");
+        " str variant='auto') -> Tensor");
   m.def("int4_linear(Tensor x, Tensor packed, Tensor scale, Tensor zero, int group_size, Tensor? bias=None,"
-        " ScalarType? dtype=None, str variant='avx512') -> Tensor");
+        " ScalarType? dtype=None, str variant='auto') -> Tensor");
   m.def("cpu_variants(bool bf16) -> str", &cpu_variants);
 }
 
