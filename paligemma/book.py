@@ -6,11 +6,18 @@ notebooks can be stored with their outputs and checked by nbval on CPU and GPU a
 
 from __future__ import annotations
 
+import logging
 import os
 import platform
 from pathlib import Path
 
 import torch
+
+# torchao, a reference of the tests that transformers imports whenever it is installed, logs at every import on a
+# CPU-only torch that its CUDA extensions do not load, and torch then logs that torchao registers an Enum the old way.
+# Neither concerns a chapter; quieted here, they stay out of the notebooks' stored outputs (nbval compares stderr too).
+for _noisy in ("torchao", "torch.utils._pytree"):
+    logging.getLogger(_noisy).setLevel(logging.ERROR)
 
 from .errors import PaliGemmaError
 
