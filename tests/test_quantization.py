@@ -66,7 +66,8 @@ def test_int4_equals_torchao(dtype, group_size):
                                                   scale_dtype=dtype, zero_point_dtype=dtype)
     codes = _quantize_affine_tinygemm(weight, [1, group_size], scale, zero, torch.int32, 0, 15)
     assert torch.equal(unpack_int4(ours.packed).long(), codes.long())
-    assert torch.equal(ours.scale, scale.reshape(ours.scale.shape)) and torch.equal(ours.zero, zero.reshape(ours.zero.shape))
+    assert torch.equal(ours.scale, scale.reshape(ours.scale.shape))
+    assert torch.equal(ours.zero, zero.reshape(ours.zero.shape))
     # W ~ (codes - 8) * scale + zero, within one step of its group
     error = (dequantize_int4(ours) - weight.float()).reshape(weight.shape[0], -1, group_size).abs()
     assert (error <= ours.scale.float()[..., None]).all()
@@ -272,3 +273,7 @@ def test_quantized_decode_benchmark_runs():
     assert rows["int4-g128"]["bytes_per_step"] <= rows["bf16"]["bytes_per_step"]
     assert all(r["decode_tokens_per_s"] > 0 for r in report["results"])
     assert "top-1 agreement with bf16" in format_table(report)
+    loading = report["loading"]  # each format loaded in a fresh process, quantized as it loads
+    assert set(loading) == {"bf16", "int8", "int4-g128", "int4-g32"}
+    assert loading["int8"]["model_bytes"] < loading["bf16"]["model_bytes"]
+    assert all(m["peak_above_base_bytes"] > 0 for m in loading.values())

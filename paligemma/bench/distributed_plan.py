@@ -35,7 +35,6 @@ import os
 import subprocess
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -43,8 +42,7 @@ from ..io.checkpoint import empty_model
 from ..models.config import PaliGemmaConfig
 from . import PRESETS
 from .command import progress, save_report
-from .memory_fit import (METHODS as ALL_METHODS, SMALL_IMAGES, TEXT_TOKENS, extrapolate, layer_bytes, recipe,
-                         total)
+from .memory_fit import SMALL_IMAGES, TEXT_TOKENS, extrapolate, layer_bytes, recipe, total
 
 GIB = 1 << 30
 GPU_GIB = 80  # A100-80 GB, H100 80 GB

@@ -329,9 +329,10 @@ def time_vision(implementation: str, model: torch.nn.Module, reference: torch.nn
 
 
 def measure_load(implementation: str, directory: Path, dtype: torch.dtype,
-                 library: str | None = None) -> dict[str, Any]:
+                 library: str | None = None, quantization: str | None = None) -> dict[str, Any]:
     """Load time and memory in a fresh process (`paligemma.bench.load_probe`); `library` puts another copy of this
-    package first on the path (the library before an optimisation, to measure the optimisation).
+    package first on the path (the library before an optimisation, to measure the optimisation); `quantization`
+    ("int8", "int4-g128", ...) quantizes this library's weights as they load.
 
     The probe runs outside the checkout, or the package found in the working folder would be imported first. As
     `python -m paligemma.bench.load_probe` when it measures this package or transformers; with `library`, whose
@@ -346,7 +347,8 @@ def measure_load(implementation: str, directory: Path, dtype: torch.dtype,
     else:  # the earlier package may have no load_probe module: this one's, by path; sys.argv[1:] are then its own
         probe = ["-c", "import runpy, sys; runpy.run_path(sys.argv.pop(1), run_name='__main__')", str(LOAD_PROBE_FILE)]
     result = subprocess.run(
-        [sys.executable, *probe, implementation, str(Path(directory).resolve()), dtype_name(dtype)],
+        [sys.executable, *probe, implementation, str(Path(directory).resolve()), dtype_name(dtype),
+         *([quantization] if quantization else [])],
         capture_output=True, text=True, env=env, cwd=tempfile.gettempdir(),
     )
     if result.returncode != 0:

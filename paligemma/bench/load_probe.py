@@ -12,7 +12,8 @@ holds:
 - `seconds`: the load and the touch of every weight;
 - `peak_rss`: the high-water mark of the resident set since the restart (bytes, absolute);
 - `base_rss`: the resident set before loading; `rss_anon` and `rss_file`: its anonymous and file-backed parts after;
-- `weight_bytes`: the bytes of the loaded parameters;
+- `weight_bytes`: the bytes of the loaded parameters (and of a quantized model's codes, scales and zeros, when a
+  fourth argument, "int8" or "int4-g128", quantizes the weights as they load);
 - `library`: the `paligemma/__init__.py` that was imported (the caller checks it is the one it meant).
 
 Run with `-m`, Python imports the packages `paligemma` and `paligemma.bench` before this module, for both
@@ -32,7 +33,7 @@ import time
 import torch
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-USAGE = "usage: python -m paligemma.bench.load_probe ours|transformers DIRECTORY bf16|fp32"
+USAGE = "usage: python -m paligemma.bench.load_probe ours|transformers DIRECTORY bf16|fp32 [int8|int4-gG]"
 
 
 def status(field: str) -> int | None:
@@ -56,14 +57,20 @@ def reset_peak() -> None:
 def main(argv: list[str] | None = None) -> int:
     """Load the checkpoint named by `argv` (implementation, directory, dtype) and print the measurement."""
     argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 3 or argv[0] not in ("ours", "transformers") or argv[2] not in DTYPES:
+    if len(argv) not in (3, 4) or argv[0] not in ("ours", "transformers") or argv[2] not in DTYPES:
         print(USAGE, file=sys.stderr)
         return 2
     implementation, directory, dtype = argv[0], argv[1], DTYPES[argv[2]]
+    # A fourth argument quantizes as the weights load (this library only): "int8", or "int4-g128" with its group.
+    scheme, _, group = (argv[3] if len(argv) == 4 else "").partition("-g")
+    if scheme and (implementation != "ours" or scheme not in ("int8", "int4")):
+        print(USAGE, file=sys.stderr)
+        return 2
     if implementation == "ours":
         from paligemma import load_model
 
-        load = lambda: load_model(directory, dtype=dtype)  # noqa: E731
+        options = {"quantization": scheme, "group_size": int(group or 128)} if scheme else {}
+        load = lambda: load_model(directory, dtype=dtype, **options)  # noqa: E731
     else:
         import transformers
         from transformers import PaliGemmaForConditionalGeneration
@@ -78,10 +85,11 @@ def main(argv: list[str] | None = None) -> int:
     model = load()
     # Touch every page of every weight: a loader that maps the file lazily pays for reading it here, as its first
     # forward pass would otherwise.
+    tensors = list(model.parameters()) + (list(model.buffers()) if scheme else [])  # a quantized model's codes too
     sum(float(p.detach().reshape(-1)[:: 4096 // p.element_size()].float().sum())  # [numel], one element a page
-        for p in model.parameters())
+        for p in tensors)
     seconds = time.perf_counter() - start
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    weights = sum(p.numel() * p.element_size() for p in tensors)
     print(json.dumps({"seconds": seconds, "peak_rss": status("VmHWM"), "base_rss": base, "rss_anon": status("RssAnon"),
                       "rss_file": status("RssFile"), "weight_bytes": weights,
                       "library": __import__("paligemma").__file__}))

@@ -11,7 +11,9 @@ of 128 and 32, each quantized as it loads. For each format and each kernel varia
   over the best memory bandwidth measured in the run, so each format is held to its own byte count;
 - transformers with torchao's int8 weight-only layers on the same weights, in the same run (`--no-torchao` skips);
 - the top-1 agreement of next-token predictions with bf16, teacher-forced over `--positions` positions of one
-  random token sequence after the image (the same sequence for every format).
+  random token sequence after the image (the same sequence for every format);
+- loading each format in a fresh process (`harness.measure_load`): its time, and its peak resident memory above
+  the process's base against the loaded model's size (`--no-loading` skips).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import torch
 
 from ..models.config import PaliGemmaConfig
 from .command import progress, save_report
-from .harness import make_inputs, reference_sharing_weights, time_generation, write_random_checkpoint
+from .harness import make_inputs, measure_load, reference_sharing_weights, time_generation, write_random_checkpoint
 from .limits import decode_step, linear_params, machine_description, measure_bandwidth
 
 FORMATS = {"bf16": (None, None), "int8": ("int8", None), "int4-g128": ("int4", 128), "int4-g32": ("int4", 32)}
@@ -71,7 +73,7 @@ def teacher_forced_inputs(config: PaliGemmaConfig, positions: int, seed: int = 1
 
 def run(preset: str = "3b-224", batches: tuple[int, ...] = (1, 8), new_tokens: int = 32, repeats: int = 2,
         variants: tuple[str, ...] | None = None, formats: tuple[str, ...] = tuple(FORMATS), positions: int = 256,
-        torchao: bool = True, workdir: str | None = None, log=progress) -> dict[str, Any]:
+        torchao: bool = True, workdir: str | None = None, loading: bool = True, log=progress) -> dict[str, Any]:
     """Run the comparison; returns the report (see the module docstring)."""
     from ..bench import PRESETS
     from ..io.checkpoint import load_model
@@ -83,10 +85,12 @@ def run(preset: str = "3b-224", batches: tuple[int, ...] = (1, 8), new_tokens: i
     variants = tuple(variants or available)
     missing = [v for v in variants if v not in available]
     if missing:
-        raise SystemExit(f"error: this CPU cannot run the {', '.join(missing)} variant (it runs {', '.join(available)})")
+        raise SystemExit(f"error: this CPU cannot run the {', '.join(missing)} variant "
+                         f"(it runs {', '.join(available)})")
     report: dict[str, Any] = {"preset": preset, "machine": machine_description(device), "kernel": kernel_status(),
                               "new_tokens": new_tokens, "repeats": repeats, "positions": positions,
                               "started": time.strftime("%Y-%m-%d %H:%M:%S"), "results": [], "agreement": {},
+                              "loading": {},
                               "bandwidth_samples": []}
     start = time.perf_counter()
 
@@ -100,6 +104,14 @@ def run(preset: str = "3b-224", batches: tuple[int, ...] = (1, 8), new_tokens: i
         directory = Path(scratch) / preset
         log(f"writing random {preset} weights (bf16) to {directory}")
         write_random_checkpoint(config, directory, torch.bfloat16)
+        if loading:  # each in a fresh process, before this one holds any model
+            for name in formats:
+                log(f"loading {name} in a fresh process: time and peak memory")
+                quantization = None if name == "bf16" else name
+                measured = measure_load("ours", directory, torch.bfloat16, quantization=quantization)
+                peak, size = measured["peak_rss"] - measured["base_rss"], measured["weight_bytes"]
+                report["loading"][name] = {"seconds": round(measured["seconds"], 2), "model_bytes": size,
+                                           "peak_above_base_bytes": peak, "peak_over_model": round(peak / size, 3)}
         models = {}
         for name in formats:
             scheme, group = FORMATS[name]
@@ -157,12 +169,18 @@ def format_table(report: dict[str, Any]) -> str:
              f"{'format':28} {'variant':7} {'batch':>5} {'tokens/s':>9} {'bound':>7} {'of bound':>8} {'vs bf16':>8}"]
     base = {(r["variant"], r["batch"]): r["decode_tokens_per_s"] for r in report["results"] if r["format"] == "bf16"}
     for r in report["results"]:
-        reference = base.get((r["variant"], r["batch"])) or base.get((next(iter(base))[0], r["batch"]) if base else None)
+        first_variant = next(iter(base))[0] if base else None
+        reference = base.get((r["variant"], r["batch"])) or base.get((first_variant, r["batch"]))
         ratio = f"{r['decode_tokens_per_s'] / reference:7.2f}x" if reference else ""
         bound = f"{r['bound_tokens_per_s']:7.2f}" if r["bound_tokens_per_s"] else ""
         share = f"{r['fraction_of_bound']:7.0%}" if r["fraction_of_bound"] else ""
         lines.append(f"{r['format']:28} {r['variant']:7} {r['batch']:>5} {r['decode_tokens_per_s']:9.2f} {bound:>7} "
                      f"{share:>8} {ratio:>8}")
+    for name, measured in report.get("loading", {}).items():
+        peak = measured["peak_above_base_bytes"] / 1e9
+        lines.append(f"loading {name}: {measured['seconds']:.1f} s, peak {peak:.2f} GB "
+                     f"above the base for a {measured['model_bytes'] / 1e9:.2f} GB model "
+                     f"({measured['peak_over_model']:.2f}x)")
     if report["agreement"]:
         agreement = ", ".join(f"{k} {v:.1%}" for k, v in report["agreement"].items())
         lines.append(f"top-1 agreement with bf16 over {report['positions']} positions: {agreement}")
@@ -180,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--formats", nargs="+", default=list(FORMATS), choices=list(FORMATS))
     parser.add_argument("--positions", type=int, default=256, help="positions for the top-1 agreement")
     parser.add_argument("--no-torchao", action="store_true", help="skip transformers with torchao's int8")
+    parser.add_argument("--no-loading", action="store_true", help="skip the loading measurements")
     parser.add_argument("--workdir", help="where to write the random checkpoint (default: the temporary folder)")
     parser.add_argument("--json", help="write the report here")
     args = parser.parse_args(argv)
@@ -187,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--new-tokens must be at least 2, --repeats, --positions and --batches at least 1")
     report = run(args.preset, tuple(args.batches), args.new_tokens, args.repeats,
                  tuple(args.variants) if args.variants else None, tuple(args.formats), args.positions,
-                 not args.no_torchao, args.workdir)
+                 not args.no_torchao, args.workdir, not args.no_loading)
     print(format_table(report))
     save_report(report, args.json, "paligemma.bench.quantized_decode", argv)
     return 0
