@@ -306,6 +306,13 @@ struct Avx512Int4 {
   }
 };
 
+// Sixteen scales or zeros as fp32: bf16 bits widened by a shift, or fp32 loaded as they are.
+PG_AVX512 inline __m512 sixteen_floats(const uint16_t* p) {
+  const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+}
+PG_AVX512 inline __m512 sixteen_floats(const float* p) { return _mm512_loadu_ps(p); }
+
 // int4 weights, bf16 x, with AVX-512's bf16 instructions: a code c becomes the bf16 number 128 + c with one OR
 // (0x4300 is 128.0, and c fills the low mantissa bits), so VDPBF16PS multiplies 32 codes by x at once; each group's
 // sum of x times 128 + 8 goes into the group's constant term (`int4_offset` with centre 136). Products are exact, sums
@@ -353,11 +360,24 @@ struct Avx512Bf16Int4 {
       }
       for (int r = 0; r < R; ++r) {
         const __m512 scale = _mm512_set1_ps(scalar_value(w.scale[(n0 + r) * groups + g]));
-        const float offset = int4_offset(w, n0 + r, groups, g, 136.0f);
-        for (int m = 0; m < M; ++m) {
-          acc[m][r] = _mm512_fmadd_ps(in_group[m][r], scale, acc[m][r]);
-          constant[m][r] += offset * w.group_sums[m * groups + g];
+        for (int m = 0; m < M; ++m) acc[m][r] = _mm512_fmadd_ps(in_group[m][r], scale, acc[m][r]);
+      }
+    }
+    // The constant terms of the chunk's groups, 16 groups a register, after the codes rather than between them.
+    const int64_t first = k0 / w.group, last = k1 / w.group;
+    for (int r = 0; r < R; ++r) {
+      const int64_t row = (n0 + r) * groups;
+      for (int m = 0; m < M; ++m) {
+        __m512 sum = _mm512_setzero_ps();
+        int64_t g = first;
+        for (; g + 16 <= last; g += 16) {
+          const __m512 offset = _mm512_fnmadd_ps(_mm512_set1_ps(136.0f), sixteen_floats(w.scale + row + g),
+                                                 sixteen_floats(w.zero + row + g));  // zero - 136 scale
+          sum = _mm512_fmadd_ps(offset, _mm512_loadu_ps(w.group_sums + m * groups + g), sum);
         }
+        float rest = _mm512_reduce_add_ps(sum);
+        for (; g < last; ++g) rest += int4_offset(w, n0 + r, groups, g, 136.0f) * w.group_sums[m * groups + g];
+        constant[m][r] += rest;
       }
     }
     for (int m = 0; m < M; ++m)
