@@ -147,8 +147,7 @@ def run(preset: str = "3b-224", batches: tuple[int, ...] = (1, 8), new_tokens: i
                     runs.setdefault((name, variant), []).append(measured["decode_tokens_per_s"])
             best_bandwidth = max(report["bandwidth_samples"] + [bandwidth()])
             for (name, variant), rates in runs.items():
-                model = models.get(name) or models["int8" if "int8" in models else "bf16"]
-                nbytes = step_bytes(model, config, batch, context) if name in models else None
+                nbytes = step_bytes(models[name], config, batch, context) if name in models else None
                 bound = batch * best_bandwidth * 1e9 / nbytes if nbytes else None
                 report["results"].append({
                     "format": name, "variant": variant, "batch": batch, "decode_tokens_per_s": max(rates),

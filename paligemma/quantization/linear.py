@@ -50,9 +50,9 @@ class QuantizedLinear(nn.Module):
         else:
             self.group_size = 128 if group_size is None else group_size
             groups = int4_groups(in_features, self.group_size)
-            if in_features % 32:
-                raise PaliGemmaError(f"int4 needs inputs in runs of 32; this layer has {in_features}")
-            self.register_buffer("packed", torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device))
+            # two codes a byte: every group size is a multiple of 32, so a row holds whole runs of 32
+            packed = torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device)
+            self.register_buffer("packed", packed)
             self.register_buffer("scale", torch.empty(out_features, groups, dtype=dtype, device=device))
             self.register_buffer("zero", torch.empty(out_features, groups, dtype=dtype, device=device))
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False) \
@@ -95,19 +95,14 @@ class QuantizedLinear(nn.Module):
             return Int8Weight(self.codes, self.scale)
         return Int4Weight(self.packed, self.scale, self.zero, self.group_size)
 
-    def dequantized(self, dtype: torch.dtype = torch.float32, rows: slice = slice(None)) -> torch.Tensor:
-        """The weight [out, in] (or the rows `rows` of it) as the codes say, in `dtype`."""
+    def dequantized(self, dtype: torch.dtype = torch.float32,
+                    rows: slice | torch.Tensor = slice(None)) -> torch.Tensor:
+        """The weight [out, in] (or the rows `rows` of it: a slice, or indices as an embedding looks tokens up) as the
+        codes say, in `dtype`."""
         quantized = self.quantized()
         if self.scheme == "int8":
             return dequantize_int8(Int8Weight(quantized.codes[rows], quantized.scale[rows]), dtype)
         return dequantize_int4(Int4Weight(quantized.packed[rows], quantized.scale[rows], quantized.zero[rows],
-                                          self.group_size), dtype)
-
-    def dequantized_rows(self, indices: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """Rows `indices` [n] of the weight, [n, in] in `dtype` (a quantized embedding table's lookup)."""
-        if self.scheme == "int8":
-            return dequantize_int8(Int8Weight(self.codes[indices], self.scale[indices]), dtype)
-        return dequantize_int4(Int4Weight(self.packed[indices], self.scale[indices], self.zero[indices],
                                           self.group_size), dtype)
 
     def stored_bytes(self) -> int:

@@ -39,7 +39,7 @@ class QuantizedEmbedding(nn.Module):
         if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.num_embeddings):
             raise PaliGemmaError(f"token ids must lie in 0..{self.num_embeddings - 1}")
         flat = input_ids.reshape(-1)
-        rows = self.head[0].dequantized_rows(flat, self.dtype)  # [n, d]
+        rows = self.head[0].dequantized(self.dtype, flat)  # [n, d]
         return rows.reshape(*input_ids.shape, self.embedding_dim)
 
     def extra_repr(self) -> str:
@@ -67,7 +67,7 @@ def _replace_linears(model: nn.Module, scheme: str, group_size: int,
             if not isinstance(child, nn.Linear):
                 continue
             full = f"{parent_name}.{name}" if parent_name else name
-            if scheme == "int4" and (child.in_features % group_size or child.in_features % 32):
+            if scheme == "int4" and child.in_features % group_size:  # every group size is a multiple of 32
                 kept.append(full)
                 continue
             setattr(parent, name, make(child))

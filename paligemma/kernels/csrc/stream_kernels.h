@@ -145,6 +145,19 @@ inline float int4_offset(const Int4Weights<S>& w, int64_t n, int64_t groups, int
   return scalar_value(w.zero[n * groups + g]) - centre * scalar_value(w.scale[n * groups + g]);
 }
 
+// Adds to constant[m][r] the constant terms of rows n0 .. n0 + R - 1 over the groups of [k0, k1): for each row of x,
+// the sum over g of int4_offset(row, g, centre) * X[m, g]. Kept out of the loop over codes, which it would slow.
+template <int M, int R, typename S>
+inline void add_int4_constants(const Int4Weights<S>& w, int64_t groups, int64_t n0, int64_t k0, int64_t k1,
+                               float centre, float (&constant)[M][R]) {
+  for (int r = 0; r < R; ++r) {
+    for (int64_t g = k0 / w.group; g < k1 / w.group; ++g) {
+      const float offset = int4_offset(w, n0 + r, groups, g, centre);
+      for (int m = 0; m < M; ++m) constant[m][r] += offset * w.group_sums[m * groups + g];
+    }
+  }
+}
+
 #if defined(PG_X86)
 
 // ---- AVX-512 ------------------------------------------------------------------------------------------------------
@@ -294,13 +307,10 @@ struct Avx512Int4 {
       }
       for (int r = 0; r < R; ++r) {
         const __m512 scale = _mm512_set1_ps(scalar_value(w.scale[(n0 + r) * groups + g]));
-        const float offset = int4_offset(w, n0 + r, groups, g);
-        for (int m = 0; m < M; ++m) {
-          acc[m][r] = _mm512_fmadd_ps(in_group[m][r], scale, acc[m][r]);
-          constant[m][r] += offset * w.group_sums[m * groups + g];
-        }
+        for (int m = 0; m < M; ++m) acc[m][r] = _mm512_fmadd_ps(in_group[m][r], scale, acc[m][r]);
       }
     }
+    add_int4_constants(w, groups, n0, k0, k1, 8.0f, constant);
     for (int m = 0; m < M; ++m)
       for (int r = 0; r < R; ++r) y[m * N + n0 + r] += _mm512_reduce_add_ps(acc[m][r]) + constant[m][r];
   }
@@ -548,13 +558,10 @@ struct Avx2Int4 {
       }
       for (int r = 0; r < R; ++r) {
         const __m256 scale = _mm256_set1_ps(scalar_value(w.scale[(n0 + r) * groups + g]));
-        const float offset = int4_offset(w, n0 + r, groups, g);
-        for (int m = 0; m < M; ++m) {
-          acc[m][r] = _mm256_fmadd_ps(in_group[m][r], scale, acc[m][r]);
-          constant[m][r] += offset * w.group_sums[m * groups + g];
-        }
+        for (int m = 0; m < M; ++m) acc[m][r] = _mm256_fmadd_ps(in_group[m][r], scale, acc[m][r]);
       }
     }
+    add_int4_constants(w, groups, n0, k0, k1, 8.0f, constant);
     for (int m = 0; m < M; ++m)
       for (int r = 0; r < R; ++r) y[m * N + n0 + r] += hsum256(acc[m][r]) + constant[m][r];
   }
@@ -690,13 +697,10 @@ struct NeonInt4 {
       }
       for (int r = 0; r < R; ++r) {
         const float scale = scalar_value(w.scale[(n0 + r) * groups + g]);
-        const float offset = int4_offset(w, n0 + r, groups, g);
-        for (int m = 0; m < M; ++m) {
-          acc[m][r] = vfmaq_n_f32(acc[m][r], in_group[m][r], scale);
-          constant[m][r] += offset * w.group_sums[m * groups + g];
-        }
+        for (int m = 0; m < M; ++m) acc[m][r] = vfmaq_n_f32(acc[m][r], in_group[m][r], scale);
       }
     }
+    add_int4_constants(w, groups, n0, k0, k1, 8.0f, constant);
     for (int m = 0; m < M; ++m)
       for (int r = 0; r < R; ++r) y[m * N + n0 + r] += vaddvq_f32(acc[m][r]) + constant[m][r];
   }
