@@ -170,6 +170,25 @@ struct Avx512Bf16 {
   template <int M>
   static constexpr int rows_per_block() { return M == 1 ? 8 : M <= 4 ? 4 : M <= 7 ? 3 : 2; }
 
+  // One step of 32 inputs for every row of the block; `Masked` only for the chunk's last, short step (a mask in every
+  // step makes the compiler keep the accumulators in memory).
+  template <int M, int R, bool Masked>
+  PG_AVX512 static inline void step(const X* x, const W* w, int64_t K, int64_t n0, int64_t k, __mmask32 mask,
+                                    bool next_block, __m512 (&acc)[M][R]) {
+    __m512i xv[M];
+    for (int m = 0; m < M; ++m)
+      xv[m] = Masked ? _mm512_maskz_loadu_epi16(mask, x + m * K + k) : _mm512_loadu_si512(x + m * K + k);
+    for (int r = 0; r < R; ++r) {
+      const W* row = w + (n0 + r) * K + k;
+      if (!Masked) {
+        _mm_prefetch(reinterpret_cast<const char*>(row) + kAheadBytes, _MM_HINT_T0);
+        if (next_block) _mm_prefetch(reinterpret_cast<const char*>(row + R * K), _MM_HINT_T1);
+      }
+      const __m512i wv = Masked ? _mm512_maskz_loadu_epi16(mask, row) : _mm512_loadu_si512(row);
+      for (int m = 0; m < M; ++m) acc[m][r] = _mm512_dpbf16_ps(acc[m][r], (__m512bh)wv, (__m512bh)xv[m]);
+    }
+  }
+
   template <int M, int R>
   PG_AVX512 static void block(const X* x, const W* w, float* y, int64_t K, int64_t N, int64_t n0, int64_t k0,
                               int64_t k1) {
@@ -177,17 +196,9 @@ struct Avx512Bf16 {
     __m512 acc[M][R];
     for (int m = 0; m < M; ++m)
       for (int r = 0; r < R; ++r) acc[m][r] = _mm512_setzero_ps();
-    for (int64_t k = k0; k < k1; k += 32) {
-      const __mmask32 mask = k + 32 <= k1 ? ~__mmask32(0) : __mmask32((1ull << (k1 - k)) - 1);
-      __m512i xv[M];
-      for (int m = 0; m < M; ++m) xv[m] = _mm512_maskz_loadu_epi16(mask, x + m * K + k);
-      for (int r = 0; r < R; ++r) {
-        _mm_prefetch(reinterpret_cast<const char*>(w + (n0 + r) * K + k) + kAheadBytes, _MM_HINT_T0);
-        if (next_block) _mm_prefetch(reinterpret_cast<const char*>(w + (n0 + R + r) * K + k), _MM_HINT_T1);
-        const __m512i wv = _mm512_maskz_loadu_epi16(mask, w + (n0 + r) * K + k);
-        for (int m = 0; m < M; ++m) acc[m][r] = _mm512_dpbf16_ps(acc[m][r], (__m512bh)wv, (__m512bh)xv[m]);
-      }
-    }
+    int64_t k = k0;
+    for (; k + 32 <= k1; k += 32) step<M, R, false>(x, w, K, n0, k, 0, next_block, acc);
+    if (k < k1) step<M, R, true>(x, w, K, n0, k, __mmask32((1ull << (k1 - k)) - 1), next_block, acc);
     for (int m = 0; m < M; ++m)
       for (int r = 0; r < R; ++r) y[m * N + n0 + r] += _mm512_reduce_add_ps(acc[m][r]);
   }
@@ -201,6 +212,24 @@ struct Avx512Fp32 {
   template <int M>
   static constexpr int rows_per_block() { return M == 1 ? 8 : M <= 4 ? 4 : M <= 7 ? 3 : 2; }
 
+  // One step of 16 inputs for every row of the block, as Avx512Bf16::step.
+  template <int M, int R, bool Masked>
+  PG_AVX512 static inline void step(const X* x, const W* w, int64_t K, int64_t n0, int64_t k, __mmask16 mask,
+                                    bool next_block, __m512 (&acc)[M][R]) {
+    __m512 xv[M];
+    for (int m = 0; m < M; ++m)
+      xv[m] = Masked ? _mm512_maskz_loadu_ps(mask, x + m * K + k) : _mm512_loadu_ps(x + m * K + k);
+    for (int r = 0; r < R; ++r) {
+      const W* row = w + (n0 + r) * K + k;
+      if (!Masked) {
+        _mm_prefetch(reinterpret_cast<const char*>(row) + kAheadBytes, _MM_HINT_T0);
+        if (next_block) _mm_prefetch(reinterpret_cast<const char*>(row + R * K), _MM_HINT_T1);
+      }
+      const __m512 wv = Masked ? _mm512_maskz_loadu_ps(mask, row) : _mm512_loadu_ps(row);
+      for (int m = 0; m < M; ++m) acc[m][r] = _mm512_fmadd_ps(wv, xv[m], acc[m][r]);
+    }
+  }
+
   template <int M, int R>
   PG_AVX512 static void block(const X* x, const W* w, float* y, int64_t K, int64_t N, int64_t n0, int64_t k0,
                               int64_t k1) {
@@ -208,17 +237,9 @@ struct Avx512Fp32 {
     __m512 acc[M][R];
     for (int m = 0; m < M; ++m)
       for (int r = 0; r < R; ++r) acc[m][r] = _mm512_setzero_ps();
-    for (int64_t k = k0; k < k1; k += 16) {
-      const __mmask16 mask = k + 16 <= k1 ? __mmask16(0xFFFF) : __mmask16((1u << (k1 - k)) - 1);
-      __m512 xv[M];
-      for (int m = 0; m < M; ++m) xv[m] = _mm512_maskz_loadu_ps(mask, x + m * K + k);
-      for (int r = 0; r < R; ++r) {
-        _mm_prefetch(reinterpret_cast<const char*>(w + (n0 + r) * K + k) + kAheadBytes, _MM_HINT_T0);
-        if (next_block) _mm_prefetch(reinterpret_cast<const char*>(w + (n0 + R + r) * K + k), _MM_HINT_T1);
-        const __m512 wv = _mm512_maskz_loadu_ps(mask, w + (n0 + r) * K + k);
-        for (int m = 0; m < M; ++m) acc[m][r] = _mm512_fmadd_ps(wv, xv[m], acc[m][r]);
-      }
-    }
+    int64_t k = k0;
+    for (; k + 16 <= k1; k += 16) step<M, R, false>(x, w, K, n0, k, 0, next_block, acc);
+    if (k < k1) step<M, R, true>(x, w, K, n0, k, __mmask16((1u << (k1 - k)) - 1), next_block, acc);
     for (int m = 0; m < M; ++m)
       for (int r = 0; r < R; ++r) y[m * N + n0 + r] += _mm512_reduce_add_ps(acc[m][r]);
   }
@@ -230,6 +251,23 @@ struct Avx512Int8 {
   using Weights = Int8Weights;
   template <int M>
   static constexpr int rows_per_block() { return M == 1 ? 8 : M <= 4 ? 4 : M <= 7 ? 3 : 2; }
+
+  // Sixteen inputs for every row of the block (`Masked` only for the chunk's last, short step: a mask in every step
+  // makes the compiler keep the accumulators in memory).
+  template <int M, int R, bool Masked>
+  PG_AVX512 static inline void sixteen(const X* x, Weights w, int64_t K, int64_t n0, int64_t k, __mmask16 mask,
+                                       __m512 (&acc)[M][R]) {
+    for (int r = 0; r < R; ++r) {
+      const int8_t* row = w.codes + (n0 + r) * K + k;
+      const __m128i codes = Masked ? _mm_maskz_loadu_epi8(mask, row)
+                                   : _mm_loadu_si128(reinterpret_cast<const __m128i*>(row));
+      const __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(codes));
+      for (int m = 0; m < M; ++m) {
+        const __m512 xm = Masked ? _mm512_maskz_loadu_ps(mask, x + m * K + k) : _mm512_loadu_ps(x + m * K + k);
+        acc[m][r] = _mm512_fmadd_ps(wv, xm, acc[m][r]);
+      }
+    }
+  }
 
   template <int M, int R>
   PG_AVX512 static void block(const X* x, Weights w, float* y, int64_t K, int64_t N, int64_t n0, int64_t k0,
@@ -252,15 +290,8 @@ struct Avx512Int8 {
         }
       }
     }
-    for (; k < k1; k += 16) {  // the rest of the chunk, 16 at a time, the last masked
-      const __mmask16 mask = k + 16 <= k1 ? __mmask16(0xFFFF) : __mmask16((1u << (k1 - k)) - 1);
-      for (int r = 0; r < R; ++r) {
-        const int8_t* row = w.codes + (n0 + r) * K + k;
-        const __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, row)));
-        for (int m = 0; m < M; ++m)
-          acc[m][r] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(mask, x + m * K + k), acc[m][r]);
-      }
-    }
+    for (; k + 16 <= k1; k += 16) sixteen<M, R, false>(x, w, K, n0, k, 0, acc);  // the rest of the chunk
+    if (k < k1) sixteen<M, R, true>(x, w, K, n0, k, __mmask16((1u << (k1 - k)) - 1), acc);
     for (int m = 0; m < M; ++m)
       for (int r = 0; r < R; ++r) y[m * N + n0 + r] += w.scale[n0 + r] * _mm512_reduce_add_ps(acc[m][r]);
   }
