@@ -119,7 +119,10 @@ double worst_error_int4(std::mt19937& random) {
   double worst = 0;
   for (int64_t group : {32, 64, 128}) {
     for (int64_t m = 1; m <= 8; ++m) {
-      for (const Case c : {Case{m, 128, 37}, Case{m, 384, 9}, Case{m, 1152, 19}, Case{m, 2048, 3}}) {
+      // K past a whole line of 128 (2240 = 17 lines and 64 more), and K over several chunks of x (4224).
+      for (const Case c : {Case{m, 128, 37}, Case{m, 384, 9}, Case{m, 1152, 19}, Case{m, 2048, 3}, Case{m, 2240, 5},
+                           Case{m, 4224, 3}}) {
+        if (c.k % group != 0) continue;
         const int64_t groups = c.k / group;
         std::vector<float> x(c.m * c.k), scale(c.n * groups), zero(c.n * groups), sums(c.m * groups, 0.0f);
         std::vector<typename V::X> x_given(c.m * c.k);

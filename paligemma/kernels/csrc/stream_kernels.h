@@ -31,6 +31,8 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
+#include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
@@ -93,8 +95,21 @@ void run_m(const typename V::X* x, typename V::Weights w, float* y, int64_t K, i
   parallel((N + R - 1) / R, [&](int64_t b0, int64_t b1) { drive<V, M, R>(x, w, y, K, N, b0, b1); });
 }
 
+// A variant whose blocks read x in an order of their own gives `arrange_x(x, out, M, K)`; `run` arranges x once per
+// call, before the blocks.
+template <typename V, typename = void>
+struct ArrangesX : std::false_type {};
+template <typename V>
+struct ArrangesX<V, std::void_t<decltype(&V::arrange_x)>> : std::true_type {};
+
 template <typename V, typename Par>
 void run(int64_t M, const typename V::X* x, typename V::Weights w, float* y, int64_t K, int64_t N, Par parallel) {
+  std::vector<typename V::X> arranged;
+  if constexpr (ArrangesX<V>::value) {
+    arranged.resize(M * K);
+    V::arrange_x(x, arranged.data(), M, K);
+    x = arranged.data();
+  }
   switch (M) {
     case 1: run_m<V, 1>(x, w, y, K, N, parallel); break;
     case 2: run_m<V, 2>(x, w, y, K, N, parallel); break;
@@ -347,17 +362,29 @@ struct Avx512Int4 {
   }
 };
 
-// Sixteen scales or zeros as fp32: bf16 bits widened by a shift, or fp32 loaded as they are.
+// Sixteen scales or zeros as fp32: bf16 bits widened by a shift, or fp32 loaded as they are; the masked forms read
+// only the lanes of `mask` (the rest are zero).
 PG_AVX512 inline __m512 sixteen_floats(const uint16_t* p) {
   const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
 }
 PG_AVX512 inline __m512 sixteen_floats(const float* p) { return _mm512_loadu_ps(p); }
+PG_AVX512 inline __m512 sixteen_floats(const uint16_t* p, __mmask16 mask) {
+  const __m256i bits = _mm256_maskz_loadu_epi16(mask, p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+}
+PG_AVX512 inline __m512 sixteen_floats(const float* p, __mmask16 mask) { return _mm512_maskz_loadu_ps(mask, p); }
 
-// int4 weights, bf16 x, with AVX-512's bf16 instructions: a code c becomes the bf16 number 128 + c with one OR
+// int4 weights, bf16 x, with AVX-512's bf16 instructions. A code c becomes the bf16 number 128 + c with one OR
 // (0x4300 is 128.0, and c fills the low mantissa bits), so VDPBF16PS multiplies 32 codes by x at once; each group's
 // sum of x times 128 + 8 goes into the group's constant term (`int4_offset` with centre 136). Products are exact, sums
 // fp32; the constant 128 costs about 4 bits of the fp32 sums' 24, far below the bf16 rounding of the result.
+//
+// A step takes one cache line of a row, 64 bytes = 128 codes, as 32 16-bit words. Word i holds four codes, one per
+// nibble, and a shift and a mask take out each nibble of all 32 words at once: four registers of 32 codes. In the
+// packed layout (see Int4Weights) nibble 0 of word i is code 32 (i / 8) + 2 (i % 8) of the line, nibble 1 that plus
+// 16, nibble 2 plus 1 and nibble 3 plus 17, so `arrange_x` puts x in that order once per call, and the codes need no
+// shuffle. Lane l of the products sums words 2l and 2l + 1, codes of one run of 32: its group's scale is lane l's.
 template <typename S>
 struct Avx512Bf16Int4 {
   using X = uint16_t;
@@ -365,43 +392,83 @@ struct Avx512Bf16Int4 {
   template <int M>
   static constexpr int rows_per_block() { return M == 1 ? 8 : M == 2 ? 4 : M <= 4 ? 2 : 1; }
 
+  // x [M, K] -> each whole line of 128 inputs in the order of the four nibbles (the rest of K stays in order).
+  static void arrange_x(const X* x, X* out, int64_t M, int64_t K) {
+    const int64_t lines = K / 128 * 128;
+    for (int64_t m = 0; m < M; ++m) {
+      const X* in = x + m * K;
+      X* to = out + m * K;
+      for (int64_t line = 0; line < lines; line += 128) {
+        for (int i = 0; i < 32; ++i) {
+          const int64_t first = line + 32 * (i / 8) + 2 * (i % 8);
+          to[line + i] = in[first];
+          to[line + 32 + i] = in[first + 16];
+          to[line + 64 + i] = in[first + 1];
+          to[line + 96 + i] = in[first + 17];
+        }
+      }
+      std::copy(in + lines, in + K, to + lines);
+    }
+  }
+
   template <int M, int R>
   PG_AVX512 static void block(const X* x, Weights w, float* y, int64_t K, int64_t N, int64_t n0, int64_t k0,
                               int64_t k1) {
     const int64_t groups = K / w.group;
     const bool next_block = n0 + 2 * R <= N;  // int4 rows are short (1 KB at K = 2048): fetch the next block's early
-    // Lanes 0-15 keep the low nibbles of the 16 bytes, lanes 16-31 the high ones: codes k .. k + 31 in order.
-    const __m512i shifts = _mm512_set_epi16(4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4,
-                                            0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
     const __m512i low_bits = _mm512_set1_epi16(0xF), magic = _mm512_set1_epi16(0x4300);
+    // A line holds 1, 2 or 4 groups; lane l of the products belongs to group l / (16 / per_line) of the line.
+    const int per_line = int(128 / w.group);
+    const __mmask16 line_groups = __mmask16((1u << per_line) - 1);
+    const __m512i lane_group = _mm512_srli_epi32(
+        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), per_line == 1 ? 4 : per_line == 2 ? 3 : 2);
     __m512 acc[M][R];
     float constant[M][R];
     for (int m = 0; m < M; ++m)
       for (int r = 0; r < R; ++r) acc[m][r] = _mm512_setzero_ps(), constant[m][r] = 0.0f;
-    for (int64_t g0 = k0; g0 < k1; g0 += w.group) {
-      const int64_t g = g0 / w.group;
-      __m512 in_group[M][R];
-      for (int m = 0; m < M; ++m)
-        for (int r = 0; r < R; ++r) in_group[m][r] = _mm512_setzero_ps();
-      for (int64_t k = g0; k < g0 + w.group; k += 32) {
-        for (int r = 0; r < R; ++r) {
-          const uint8_t* bytes = w.packed + ((n0 + r) * K + k) / 2;
-          if ((k & 127) == 0) {  // once a cache line: further along this row, and the same place in the next block
-            _mm_prefetch(reinterpret_cast<const char*>(bytes) + kAheadBytes, _MM_HINT_T0);
-            if (next_block) _mm_prefetch(reinterpret_cast<const char*>(bytes + R * K / 2), _MM_HINT_T1);
-          }
-          const __m128i sixteen = _mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes));
-          __m512i codes = _mm512_cvtepu8_epi16(_mm256_broadcastsi128_si256(sixteen));  // [b0..b15, b0..b15]
-          codes = _mm512_srlv_epi16(codes, shifts);
-          codes = _mm512_ternarylogic_epi32(codes, low_bits, magic, 0xEA);  // (codes & 0xF) | 0x4300
-          for (int m = 0; m < M; ++m)
-            in_group[m][r] = _mm512_dpbf16_ps(in_group[m][r], (__m512bh)codes,
-                                              (__m512bh)_mm512_loadu_si512(x + m * K + k));
+    int64_t k = k0;
+    for (; k + 128 <= k1; k += 128) {  // chunks start at multiples of 128, so these are whole, arranged lines
+      const int64_t g = k / w.group;
+      for (int r = 0; r < R; ++r) {
+        const uint8_t* line = w.packed + ((n0 + r) * K + k) / 2;
+        _mm_prefetch(reinterpret_cast<const char*>(line) + kAheadBytes, _MM_HINT_T0);
+        if (next_block) _mm_prefetch(reinterpret_cast<const char*>(line + R * K / 2), _MM_HINT_T1);
+        const __m512i words = _mm512_loadu_si512(line);
+        // (nibble & 0xF) | 0x4300 for each of the four nibbles: four registers of 32 bf16 numbers 128 + code
+        const __m512i nibble0 = _mm512_ternarylogic_epi32(words, low_bits, magic, 0xEA);
+        const __m512i nibble1 = _mm512_ternarylogic_epi32(_mm512_srli_epi16(words, 4), low_bits, magic, 0xEA);
+        const __m512i nibble2 = _mm512_ternarylogic_epi32(_mm512_srli_epi16(words, 8), low_bits, magic, 0xEA);
+        const __m512i nibble3 = _mm512_or_si512(_mm512_srli_epi16(words, 12), magic);
+        const S* scales = w.scale + (n0 + r) * groups + g;
+        const __m512 scale = per_line == 1 ? _mm512_set1_ps(scalar_value(*scales))
+                                           : _mm512_permutexvar_ps(lane_group, sixteen_floats(scales, line_groups));
+        for (int m = 0; m < M; ++m) {
+          const X* xm = x + m * K + k;
+          __m512 even = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)nibble0, (__m512bh)_mm512_loadu_si512(xm));
+          __m512 odd = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)nibble1,
+                                        (__m512bh)_mm512_loadu_si512(xm + 32));
+          even = _mm512_dpbf16_ps(even, (__m512bh)nibble2, (__m512bh)_mm512_loadu_si512(xm + 64));
+          odd = _mm512_dpbf16_ps(odd, (__m512bh)nibble3, (__m512bh)_mm512_loadu_si512(xm + 96));
+          acc[m][r] = _mm512_fmadd_ps(_mm512_add_ps(even, odd), scale, acc[m][r]);
         }
       }
+    }
+    // The rest of K past its last whole line (x in order there): 32 codes a step, a group at a time.
+    const __m512i shifts = _mm512_set_epi16(4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4,
+                                            0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
+    for (int64_t g0 = k; g0 < k1; g0 += w.group) {
       for (int r = 0; r < R; ++r) {
-        const __m512 scale = _mm512_set1_ps(scalar_value(w.scale[(n0 + r) * groups + g]));
-        for (int m = 0; m < M; ++m) acc[m][r] = _mm512_fmadd_ps(in_group[m][r], scale, acc[m][r]);
+        const __m512 scale = _mm512_set1_ps(scalar_value(w.scale[(n0 + r) * groups + g0 / w.group]));
+        for (int64_t j = g0; j < g0 + w.group; j += 32) {
+          const __m128i sixteen = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w.packed + ((n0 + r) * K + j) / 2));
+          __m512i codes = _mm512_cvtepu8_epi16(_mm256_broadcastsi128_si256(sixteen));  // [b0..b15, b0..b15]
+          codes = _mm512_ternarylogic_epi32(_mm512_srlv_epi16(codes, shifts), low_bits, magic, 0xEA);
+          for (int m = 0; m < M; ++m) {
+            const __m512 products = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)codes,
+                                                     (__m512bh)_mm512_loadu_si512(x + m * K + j));
+            acc[m][r] = _mm512_fmadd_ps(products, scale, acc[m][r]);
+          }
+        }
       }
     }
     // The constant terms of the chunk's groups, 16 groups a register, after the codes rather than between them.
