@@ -212,3 +212,40 @@ def test_merged_input_embeddings(pair, pixels):
         handle.remove()
     features = ours.get_image_features(pixels)
     assert_matches(ours.embed_inputs(input_ids, features), captured["embeds"], **TOL)
+
+
+@pytest.mark.parametrize("heads, kv_heads", [(8, 1), (8, 2), (4, 4)])
+@pytest.mark.parametrize("queries", [1, 3, 8])
+@pytest.mark.parametrize("per_head_mask", [False, True])
+def test_decoding_attention_in_fp32_on_cpu(heads, kv_heads, queries, per_head_mask):
+    """A decoding step's bf16 attention on a CPU takes plain fp32 products (PyTorch's fused kernel is slow there): the
+    float64 attention of the same bf16 inputs, rounded once to bf16; within bf16's rounding of the fused kernel's;
+    and a key masked out (per head or shared) carries no weight at all."""
+    import torch.nn.functional as F
+
+    from paligemma.models.attention import attention, few_queries_on_cpu
+
+    generator = torch.Generator().manual_seed(queries * 10 + heads + kv_heads)
+    batch, keys, dim = 3, 37, 32
+    query = torch.randn(batch, heads, queries, dim, generator=generator).to(torch.bfloat16)
+    key = torch.randn(batch, kv_heads, keys, dim, generator=generator).to(torch.bfloat16)
+    value = torch.randn(batch, kv_heads, keys, dim, generator=generator).to(torch.bfloat16)
+    allowed = torch.rand(batch, heads if per_head_mask else 1, queries, keys, generator=generator) > 0.3
+    allowed[..., 0] = True
+    allowed[0, ..., 5] = False  # key 5 of sequence 0: hidden from every head and query
+    mask = additive_mask(allowed, torch.bfloat16)
+    assert few_queries_on_cpu(query, mask) and not few_queries_on_cpu(query.float(), mask)
+    assert not few_queries_on_cpu(query, allowed)  # a boolean mask goes to the fused kernel
+    ours = attention(query, key, value, mask, scale=dim**-0.5)  # [b, q, heads, d]
+
+    groups = heads // kv_heads
+    k64, v64 = key.double().repeat_interleave(groups, 1), value.double().repeat_interleave(groups, 1)
+    scores = query.double() @ k64.transpose(2, 3) * dim**-0.5 + mask.double()
+    exact = (torch.softmax(scores, -1) @ v64).transpose(1, 2)  # [b, q, heads, d]
+    assert ((ours.double() - exact).abs() <= exact.abs() * 2**-8 + 1e-6).all()
+    fused = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=dim**-0.5,
+                                           enable_gqa=groups > 1).transpose(1, 2)
+    assert ((ours.double() - fused.double()).abs() <= exact.abs().amax() * 2**-7).all()
+    changed = value.clone()
+    changed[0, :, 5] = 100.0
+    assert torch.equal(attention(query, key, changed, mask, scale=dim**-0.5), ours)
