@@ -183,7 +183,7 @@ struct Avx512Bf16 {
   using X = uint16_t;
   using Weights = const W*;
   template <int M>
-  static constexpr int rows_per_block() { return M == 1 ? 8 : M <= 4 ? 4 : M <= 7 ? 3 : 2; }
+  static constexpr int rows_per_block() { return M == 1 ? 8 : M <= 4 ? 4 : 3; }  // 8 x 3: 24 accumulators
 
   // One step of 32 inputs for every row of the block; `Masked` only for the chunk's last, short step (a mask in every
   // step makes the compiler keep the accumulators in memory).
