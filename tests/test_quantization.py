@@ -277,3 +277,23 @@ def test_quantized_decode_benchmark_runs():
     assert set(loading) == {"bf16", "int8", "int4-g128", "int4-g32"}
     assert loading["int8"]["model_bytes"] < loading["bf16"]["model_bytes"]
     assert all(m["peak_above_base_bytes"] > 0 for m in loading.values())
+
+
+def test_quantized_quality_study_scores_as_evaluate_does():
+    """The quality study's scores are `evaluate_checkpoint`'s for the same format and scenes; its table gives each
+    format's difference from bf16; a bad count of scenes is refused in one line."""
+    from paligemma.bench.quantized_quality import format_table, main, run
+    from paligemma.training.pretrain import evaluate_checkpoint
+
+    report = run("tiny-shapes", examples=6, formats=("bf16", "int4-g32"), log=lambda message: None)
+    assert report["results"]["bf16"] == evaluate_checkpoint("tiny-shapes", 6, dtype="bf16")
+    assert report["results"]["int4-g32"] == evaluate_checkpoint("tiny-shapes", 6, dtype="bf16", quantization="int4",
+                                                                group_size=32)
+    table = format_table(report)
+    scores, base = report["results"]["int4-g32"], report["results"]["bf16"]
+    shown = [metric for metric in scores if metric.endswith(("_match", "_accuracy", "_iou"))]
+    assert shown  # six scenes hold at least one task
+    for metric in shown:
+        assert f"{scores[metric]:.4f} ({scores[metric] - base[metric]:+.4f})" in table.splitlines()[-1]
+    with pytest.raises(SystemExit):
+        main(["--examples", "0"])
