@@ -6,8 +6,8 @@
 
 The package has one folder per part of the book: `models` (the model itself), `inference` (caches, decoders,
 generation), `io` (images, tokenizer, processor, checkpoints), `tasks` (boxes and masks), `interpret` (attention
-maps), `training` (the shapes world, pretraining, LoRA), `kernels` (fast CPU products) and `bench` (the
-benchmark).
+maps), `training` (the shapes world, pretraining, LoRA), `kernels` (fast CPU products), `quantization` (int8 and
+int4 weights) and `bench` (the benchmarks).
 """
 
 from .errors import PaliGemmaError

@@ -56,7 +56,8 @@ def format_table(report: dict[str, Any]) -> str:
     lines = [f"{report['model']}, {report['examples']} held-out scenes "
              f"(scores, and in brackets the difference from bf16)",
              f"{'format':10}" + "".join(f"{head:>20}" for head in METRICS.values())]
-    for name, scores in results.items():
+    for name in sorted(results, key=lambda n: list(FORMATS).index(n) if n in FORMATS else len(FORMATS)):
+        scores = results[name]
         cells = []
         for metric in METRICS:  # a task with no scene among a few examples has no score
             if metric not in scores:
