@@ -49,7 +49,7 @@ def test_each_variant_this_cpu_runs(tmp_path):
         if {"avx512f", "avx512bw", "avx512vl"} <= flags:
             expected |= {f"avx512 {kind}" for kind in formats}
             if "avx512_bf16" in flags:
-                expected |= {"avx512 bf16", "avx512 int4 bf16 x"}
+                expected |= {"avx512 bf16", "avx512 int4 bf16 x", "avx512 int8 bf16 x"}
     elif is_arm64():
         expected = {f"neon {kind}" for kind in formats | {"bf16"}}
     assert ran == expected

@@ -312,6 +312,53 @@ struct Avx512Int8 {
   }
 };
 
+// int8 weights, bf16 x, for several rows of x: each 32 codes of a row become 32 bf16 numbers once (exactly: |code| is
+// at most 128, which bf16's 8 significant bits hold), and VDPBF16PS multiplies them by every row of x, 32 products an
+// instruction where the fp32 kernel above does 16. Products are exact and sums fp32, as there.
+struct Avx512Bf16Int8 {
+  using X = uint16_t;
+  using Weights = Int8Weights;
+  template <int M>
+  static constexpr int rows_per_block() { return M == 1 ? 8 : M <= 4 ? 4 : 3; }
+
+  // 32 inputs for every row of the block; `Masked` only for the chunk's last, short step (as Avx512Bf16::step).
+  template <int M, int R, bool Masked>
+  PG_AVX512 static inline void step(const X* x, Weights w, int64_t K, int64_t n0, int64_t k, __mmask32 mask,
+                                    bool next_block, __m512 (&acc)[M][R]) {
+    __m512bh wv[R];  // the block's weights as bf16 first, then one row of x at a time: M R + R + 1 registers
+    for (int r = 0; r < R; ++r) {
+      const int8_t* row = w.codes + (n0 + r) * K + k;
+      if (!Masked && (k & 63) == 0) {  // once a cache line: further along this row, and this place in the next block
+        _mm_prefetch(reinterpret_cast<const char*>(row) + kAheadBytes, _MM_HINT_T0);
+        if (next_block) _mm_prefetch(reinterpret_cast<const char*>(row + R * K), _MM_HINT_T1);
+      }
+      const __m256i codes = Masked ? _mm256_maskz_loadu_epi8(mask, row)
+                                   : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row));
+      const __m512 low = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(codes)));      // k .. k + 15
+      const __m512 high = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(codes, 1)));  // .. k + 31
+      wv[r] = _mm512_cvtne2ps_pbh(high, low);  // [low, high] as 32 bf16 numbers, exact
+    }
+    for (int m = 0; m < M; ++m) {
+      const __m512i xv = Masked ? _mm512_maskz_loadu_epi16(mask, x + m * K + k) : _mm512_loadu_si512(x + m * K + k);
+      for (int r = 0; r < R; ++r) acc[m][r] = _mm512_dpbf16_ps(acc[m][r], wv[r], (__m512bh)xv);
+    }
+  }
+
+  template <int M, int R>
+  PG_AVX512 static void block(const X* x, Weights w, float* y, int64_t K, int64_t N, int64_t n0, int64_t k0,
+                              int64_t k1) {
+    const bool next_block = n0 + 2 * R <= N;
+    __m512 acc[M][R];
+    for (int m = 0; m < M; ++m)
+      for (int r = 0; r < R; ++r) acc[m][r] = _mm512_setzero_ps();
+    int64_t k = k0;
+    for (; k + 32 <= k1; k += 32) step<M, R, false>(x, w, K, n0, k, 0, next_block, acc);
+    if (k < k1) step<M, R, true>(x, w, K, n0, k, __mmask32((1ull << (k1 - k)) - 1), next_block, acc);
+    for (int m = 0; m < M; ++m)
+      for (int r = 0; r < R; ++r) y[m * N + n0 + r] += w.scale[n0 + r] * _mm512_reduce_add_ps(acc[m][r]);
+  }
+};
+
 // int4 weights, x fp32: 32 codes a 16-byte load, unpacked into two registers of 16 consecutive inputs.
 template <typename S>
 struct Avx512Int4 {
