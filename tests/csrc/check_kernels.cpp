@@ -79,6 +79,22 @@ double worst_error(std::mt19937& random) {
   return worst;
 }
 
+// Normal draws into x, given to the kernel as x_given in its own type: bf16 x is rounded, and the reference (x) takes
+// the rounded values.
+template <typename XT>
+void draw_x(std::mt19937& random, std::vector<float>& x, std::vector<XT>& x_given) {
+  std::normal_distribution<float> normal;
+  for (size_t i = 0; i < x.size(); ++i) {
+    x[i] = normal(random);
+    if constexpr (sizeof(XT) == 2) {
+      x_given[i] = to_bf16(x[i]);
+      x[i] = pg::bf16_to_float(x_given[i]);
+    } else {
+      x_given[i] = x[i];
+    }
+  }
+}
+
 // Random int8 codes and scales: y = scale[n] * sum_k codes[n, k] x[m, k], against float64.
 template <typename V>
 double worst_error_int8(std::mt19937& random) {
@@ -90,15 +106,7 @@ double worst_error_int8(std::mt19937& random) {
       std::vector<float> x(c.m * c.k), scale(c.n);
       std::vector<typename V::X> x_given(c.m * c.k);
       std::vector<int8_t> codes(c.n * c.k);
-      for (size_t i = 0; i < x.size(); ++i) {
-        x[i] = normal(random);
-        if constexpr (sizeof(typename V::X) == 2) {  // bf16 x: the reference takes the rounded values
-          x_given[i] = to_bf16(x[i]);
-          x[i] = pg::bf16_to_float(x_given[i]);
-        } else {
-          x_given[i] = x[i];
-        }
-      }
+      draw_x(random, x, x_given);
       for (float& v : scale) v = std::abs(normal(random)) * 0.01f;
       for (int8_t& v : codes) v = int8_t(code(random));
       codes[0] = -128;  // the extremes, exact in bf16 too
@@ -138,15 +146,7 @@ double worst_error_int4(std::mt19937& random) {
         std::vector<float> x(c.m * c.k), scale(c.n * groups), zero(c.n * groups), sums(c.m * groups, 0.0f);
         std::vector<typename V::X> x_given(c.m * c.k);
         std::vector<S> scale_s(scale.size()), zero_s(zero.size());
-        for (size_t i = 0; i < x.size(); ++i) {
-          x[i] = normal(random);
-          if constexpr (sizeof(typename V::X) == 2) {  // bf16 x: the reference takes the rounded values
-            x_given[i] = to_bf16(x[i]);
-            x[i] = pg::bf16_to_float(x_given[i]);
-          } else {
-            x_given[i] = x[i];
-          }
-        }
+        draw_x(random, x, x_given);
         for (size_t i = 0; i < scale.size(); ++i) {
           scale[i] = std::abs(normal(random)) * 0.01f;
           zero[i] = normal(random) * 0.01f;

@@ -177,88 +177,80 @@ inline void add_int4_constants(const Int4Weights<S>& w, int64_t groups, int64_t 
 
 // ---- AVX-512 ------------------------------------------------------------------------------------------------------
 
-// bf16 weights and bf16 x: 32 values a register, VDPBF16PS.
-struct Avx512Bf16 {
-  using W = uint16_t;
-  using X = uint16_t;
-  using Weights = const W*;
-  template <int M>
-  static constexpr int rows_per_block() { return M == 1 ? 8 : M <= 4 ? 4 : 3; }  // 8 x 3: 24 accumulators
+// What a register of weights is, per weight type: bf16 (32 values a register, VDPBF16PS) or fp32 (16 values, fused
+// multiply-add). x has the weights' type.
+template <typename T>
+struct Avx512Lanes;
 
-  // One step of 32 inputs for every row of the block; `Masked` only for the chunk's last, short step (a mask in every
-  // step makes the compiler keep the accumulators in memory).
+template <>
+struct Avx512Lanes<uint16_t> {
+  using Register = __m512i;
+  using Mask = __mmask32;
+  static constexpr int kValues = 32;
+  PG_AVX512 static Register load(const uint16_t* p) { return _mm512_loadu_si512(p); }
+  PG_AVX512 static Register load(const uint16_t* p, Mask mask) { return _mm512_maskz_loadu_epi16(mask, p); }
+  PG_AVX512 static __m512 multiply_add(__m512 acc, Register w, Register x) {
+    return _mm512_dpbf16_ps(acc, (__m512bh)w, (__m512bh)x);
+  }
+};
+
+template <>
+struct Avx512Lanes<float> {
+  using Register = __m512;
+  using Mask = __mmask16;
+  static constexpr int kValues = 16;
+  PG_AVX512 static Register load(const float* p) { return _mm512_loadu_ps(p); }
+  PG_AVX512 static Register load(const float* p, Mask mask) { return _mm512_maskz_loadu_ps(mask, p); }
+  PG_AVX512 static __m512 multiply_add(__m512 acc, Register w, Register x) { return _mm512_fmadd_ps(w, x, acc); }
+};
+
+// bf16 or fp32 weights and x of the same type, one register of each row a step.
+template <typename T>
+struct Avx512Wide {
+  using W = T;
+  using X = T;
+  using Weights = const W*;
+  using Lanes = Avx512Lanes<T>;
+  // bf16 at 8 rows of x: 3 weight rows, 24 accumulators; fp32 keeps 2, as x's registers take the rest.
+  template <int M>
+  static constexpr int rows_per_block() { return M == 1 ? 8 : M <= 4 ? 4 : M <= 7 || sizeof(T) == 2 ? 3 : 2; }
+
+  // One step of a register's worth of inputs for every row of the block; `Masked` only for the chunk's last, short
+  // step (a mask in every step makes the compiler keep the accumulators in memory).
   template <int M, int R, bool Masked>
-  PG_AVX512 static inline void step(const X* x, const W* w, int64_t K, int64_t n0, int64_t k, __mmask32 mask,
-                                    bool next_block, __m512 (&acc)[M][R]) {
-    __m512i xv[M];
-    for (int m = 0; m < M; ++m)
-      xv[m] = Masked ? _mm512_maskz_loadu_epi16(mask, x + m * K + k) : _mm512_loadu_si512(x + m * K + k);
+  PG_AVX512 static inline void step(const X* x, const W* w, int64_t K, int64_t n0, int64_t k,
+                                    typename Lanes::Mask mask, bool next_block, __m512 (&acc)[M][R]) {
+    typename Lanes::Register xv[M];
+    for (int m = 0; m < M; ++m) xv[m] = Masked ? Lanes::load(x + m * K + k, mask) : Lanes::load(x + m * K + k);
     for (int r = 0; r < R; ++r) {
       const W* row = w + (n0 + r) * K + k;
       if (!Masked) {
         _mm_prefetch(reinterpret_cast<const char*>(row) + kAheadBytes, _MM_HINT_T0);
         if (next_block) _mm_prefetch(reinterpret_cast<const char*>(row + R * K), _MM_HINT_T1);
       }
-      const __m512i wv = Masked ? _mm512_maskz_loadu_epi16(mask, row) : _mm512_loadu_si512(row);
-      for (int m = 0; m < M; ++m) acc[m][r] = _mm512_dpbf16_ps(acc[m][r], (__m512bh)wv, (__m512bh)xv[m]);
+      const typename Lanes::Register wv = Masked ? Lanes::load(row, mask) : Lanes::load(row);
+      for (int m = 0; m < M; ++m) acc[m][r] = Lanes::multiply_add(acc[m][r], wv, xv[m]);
     }
   }
 
   template <int M, int R>
   PG_AVX512 static void block(const X* x, const W* w, float* y, int64_t K, int64_t N, int64_t n0, int64_t k0,
                               int64_t k1) {
+    constexpr int v = Lanes::kValues;
     const bool next_block = n0 + 2 * R <= N;
     __m512 acc[M][R];
     for (int m = 0; m < M; ++m)
       for (int r = 0; r < R; ++r) acc[m][r] = _mm512_setzero_ps();
     int64_t k = k0;
-    for (; k + 32 <= k1; k += 32) step<M, R, false>(x, w, K, n0, k, 0, next_block, acc);
-    if (k < k1) step<M, R, true>(x, w, K, n0, k, __mmask32((1ull << (k1 - k)) - 1), next_block, acc);
+    for (; k + v <= k1; k += v) step<M, R, false>(x, w, K, n0, k, 0, next_block, acc);
+    if (k < k1) step<M, R, true>(x, w, K, n0, k, typename Lanes::Mask((1ull << (k1 - k)) - 1), next_block, acc);
     for (int m = 0; m < M; ++m)
       for (int r = 0; r < R; ++r) y[m * N + n0 + r] += _mm512_reduce_add_ps(acc[m][r]);
   }
 };
 
-// fp32 weights and x: 16 values a register, fused multiply-add.
-struct Avx512Fp32 {
-  using W = float;
-  using X = float;
-  using Weights = const W*;
-  template <int M>
-  static constexpr int rows_per_block() { return M == 1 ? 8 : M <= 4 ? 4 : M <= 7 ? 3 : 2; }
-
-  // One step of 16 inputs for every row of the block, as Avx512Bf16::step.
-  template <int M, int R, bool Masked>
-  PG_AVX512 static inline void step(const X* x, const W* w, int64_t K, int64_t n0, int64_t k, __mmask16 mask,
-                                    bool next_block, __m512 (&acc)[M][R]) {
-    __m512 xv[M];
-    for (int m = 0; m < M; ++m)
-      xv[m] = Masked ? _mm512_maskz_loadu_ps(mask, x + m * K + k) : _mm512_loadu_ps(x + m * K + k);
-    for (int r = 0; r < R; ++r) {
-      const W* row = w + (n0 + r) * K + k;
-      if (!Masked) {
-        _mm_prefetch(reinterpret_cast<const char*>(row) + kAheadBytes, _MM_HINT_T0);
-        if (next_block) _mm_prefetch(reinterpret_cast<const char*>(row + R * K), _MM_HINT_T1);
-      }
-      const __m512 wv = Masked ? _mm512_maskz_loadu_ps(mask, row) : _mm512_loadu_ps(row);
-      for (int m = 0; m < M; ++m) acc[m][r] = _mm512_fmadd_ps(wv, xv[m], acc[m][r]);
-    }
-  }
-
-  template <int M, int R>
-  PG_AVX512 static void block(const X* x, const W* w, float* y, int64_t K, int64_t N, int64_t n0, int64_t k0,
-                              int64_t k1) {
-    const bool next_block = n0 + 2 * R <= N;
-    __m512 acc[M][R];
-    for (int m = 0; m < M; ++m)
-      for (int r = 0; r < R; ++r) acc[m][r] = _mm512_setzero_ps();
-    int64_t k = k0;
-    for (; k + 16 <= k1; k += 16) step<M, R, false>(x, w, K, n0, k, 0, next_block, acc);
-    if (k < k1) step<M, R, true>(x, w, K, n0, k, __mmask16((1u << (k1 - k)) - 1), next_block, acc);
-    for (int m = 0; m < M; ++m)
-      for (int r = 0; r < R; ++r) y[m * N + n0 + r] += _mm512_reduce_add_ps(acc[m][r]);
-  }
-};
+using Avx512Bf16 = Avx512Wide<uint16_t>;
+using Avx512Fp32 = Avx512Wide<float>;
 
 // int8 weights, x fp32: 16 codes a register, widened to int32, converted to fp32, fused multiply-add.
 struct Avx512Int8 {
