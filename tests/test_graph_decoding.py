@@ -54,6 +54,37 @@ def test_compiled_steps_equal_recomputation_and_compile_once(mqa_checkpoint):
         decoder.step(new_tokens[:, 0])
 
 
+@pytest.mark.parametrize("quantization", [None, "int8", "int4"])
+def test_compiled_steps_call_the_cpu_kernels_in_one_graph(mqa_checkpoint, quantization):
+    """In bf16, plain or quantized, a compiled step is one graph that calls the streaming kernels (no graph break
+    falls back to eager Python), and it gives the eager fixed-shape step's logits."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from paligemma.kernels import linear
+
+    if not linear.cpu_variants():
+        pytest.skip(f"no streaming kernel variant runs here: {linear.kernel_status()}")
+    directory, _ = mqa_checkpoint
+    model, processor = load_pretrained(directory, dtype=torch.bfloat16, quantization=quantization, group_size=32)
+    prompt, new_tokens = padded_prompt_and_suffix(processor)
+    eager = fixed_shape_logits(model, prompt, new_tokens)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    batch, steps = new_tokens.shape
+    decoder = FixedShapeDecoder(model, batch, prompt["input_ids"].shape[1] + steps, compile=True)
+    compiled = [decoder.prefill(prompt)]
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for step in range(steps - 2):
+            compiled.append(decoder.step(new_tokens[:, step]).clone())
+        with profile(activities=[ProfilerActivity.CPU]) as profiled:
+            compiled.append(decoder.step(new_tokens[:, steps - 2]).clone())
+    assert dict(torch._dynamo.utils.counters["graph_break"]) == {}
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    kernel = f"paligemma::{'few_rows' if quantization is None else quantization}_linear"
+    assert kernel in {event.key for event in profiled.key_averages()}, f"the compiled step calls {kernel}"
+    torch.testing.assert_close(torch.stack(compiled, 1).float(), eager.float(), atol=2e-2, rtol=2e-2)
+
+
 def test_a_step_that_cannot_compile_says_so(mqa_checkpoint, monkeypatch):
     directory, _ = mqa_checkpoint
     model, processor = load_pretrained(directory)

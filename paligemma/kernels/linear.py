@@ -24,7 +24,6 @@ stay those of the reference, operation for operation.
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import sys
 import threading
@@ -135,12 +134,30 @@ KERNEL = _Kernel()
 
 
 def _register_fake() -> None:
-    """Tell `torch.compile` the shape and dtype of the kernel's result, so a compiled graph can call it."""
+    """Tell `torch.compile` the shape and dtype of each kernel's result, so a compiled graph can call it."""
+
+    def rows_by_outputs(x: torch.Tensor, outputs: int, dtype: torch.dtype | None) -> torch.Tensor:
+        return x.new_empty((x.shape[0], outputs), dtype=dtype or x.dtype)
 
     @torch.library.register_fake("paligemma::few_rows_linear")
     def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
           dtype: torch.dtype | None = None, variant: str = "auto") -> torch.Tensor:
-        return x.new_empty((x.shape[0], weight.shape[0]), dtype=dtype or x.dtype)
+        return rows_by_outputs(x, weight.shape[0], dtype)
+
+    @torch.library.register_fake("paligemma::int8_linear")
+    def _(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
+          dtype: torch.dtype | None = None, variant: str = "auto") -> torch.Tensor:
+        return rows_by_outputs(x, codes.shape[0], dtype)
+
+    @torch.library.register_fake("paligemma::int4_linear")
+    def _(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int,
+          bias: torch.Tensor | None = None, dtype: torch.dtype | None = None, variant: str = "auto") -> torch.Tensor:
+        return rows_by_outputs(x, packed.shape[0], dtype)
+
+
+#: The variants this CPU runs, by "bf16 weights?": asked of the kernel once, then read from here. A plain dict,
+#: not `functools.cache`, so that `torch.compile` reads it as a constant instead of breaking its graph on the call.
+_VARIANTS: dict[bool, tuple[str, ...]] = {}
 
 
 def cpu_variants(dtype: torch.dtype = torch.bfloat16) -> tuple[str, ...]:
@@ -149,15 +166,12 @@ def cpu_variants(dtype: torch.dtype = torch.bfloat16) -> tuple[str, ...]:
     AVX-512 counts for bf16 weights only with its bf16 instructions (Zen 4, Sapphire Rapids); AVX2 needs FMA too.
     Asked once per dtype (every product asks, and a decoding step makes hundreds).
     """
-    return _cpu_variants(dtype == torch.bfloat16)
-
-
-@functools.cache
-def _cpu_variants(bf16: bool) -> tuple[str, ...]:
-    module = KERNEL.get()
-    if module is None:
-        return ()
-    return tuple(name for name in module.cpu_variants(bf16).split(",") if name)
+    bf16 = dtype == torch.bfloat16
+    if bf16 not in _VARIANTS:
+        module = KERNEL.get()
+        names = module.cpu_variants(bf16).split(",") if module is not None else []
+        _VARIANTS[bf16] = tuple(name for name in names if name)
+    return _VARIANTS[bf16]
 
 
 def kernel_variant(dtype: torch.dtype = torch.bfloat16) -> str | None:

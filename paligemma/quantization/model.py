@@ -36,7 +36,9 @@ class QuantizedEmbedding(nn.Module):
         return self.head[0].dtype
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.num_embeddings):
+        # Checked eagerly only: a compiled decoding step feeds back the model's own argmax, always a valid id, and
+        # reading the ids' range back to Python would break its graph.
+        if not torch.compiler.is_compiling() and input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.num_embeddings):
             raise PaliGemmaError(f"token ids must lie in 0..{self.num_embeddings - 1}")
         flat = input_ids.reshape(-1)
         rows = self.head[0].dequantized(self.dtype, flat)  # [n, d]
