@@ -260,7 +260,7 @@ def test_quantized_decode_benchmark_runs():
     torchao's int8 in transformers beside it, and the agreement of bf16 with itself exactly 1."""
     from paligemma.bench.quantized_decode import format_table, run
 
-    report = run("tiny", batches=(1,), new_tokens=3, repeats=1, positions=16, log=lambda message: None)
+    report = run("tiny", batches=(1,), new_tokens=3, cycles=2, positions=16, log=lambda message: None)
     formats = {(r["format"], r["variant"]) for r in report["results"]}
     for variant in linear.cpu_variants():
         assert {(name, variant) for name in ("bf16", "int8", "int4-g128", "int4-g32")} <= formats
@@ -271,7 +271,10 @@ def test_quantized_decode_benchmark_runs():
     assert rows["int4-g32"]["bytes_per_step"] < rows["int8"]["bytes_per_step"]
     # the tiny preset's 64-wide layers do not split into groups of 128: int4-g128 keeps them, and the head, wide
     assert rows["int4-g128"]["bytes_per_step"] <= rows["bf16"]["bytes_per_step"]
-    assert all(r["decode_tokens_per_s"] > 0 for r in report["results"])
+    assert all(r["decode_tokens_per_s"] > 0 and len(r["samples"]) == (2 if r["variant"] != "-" else 1)
+               for r in report["results"])
+    assert all(r["speedup_over_bf16"] == 1.0 for r in report["results"] if r["format"] == "bf16")
+    assert len(report["cycle_bandwidths"]["1"]) == 3  # before the first cycle and after each
     assert "top-1 agreement with bf16" in format_table(report)
     loading = report["loading"]  # each format loaded in a fresh process, quantized as it loads
     assert set(loading) == {"bf16", "int8", "int4-g128", "int4-g32"}

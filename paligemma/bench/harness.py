@@ -29,6 +29,7 @@ from torch import nn
 
 from ..io.checkpoint import empty_model
 from ..io.layout import TIED_HEAD, to_library_name, write_checkpoint
+from ..io.memory import return_free_memory
 from ..models.config import PaliGemmaConfig
 
 #: Text tokens after the image tokens (`<bos>`, a few prompt tokens and "\n").
@@ -83,17 +84,6 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def _return_free_memory() -> None:
-    """Ask the C allocator (glibc) to hand freed memory back to the system, so that the resident set at the start of a
-    measurement is what is in use, not what an earlier run freed: otherwise whoever runs first pays for both."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 @contextlib.contextmanager
 def peak_memory(device: torch.device) -> Iterator[dict[str, float]]:
     """Peak memory while the block runs: the process's resident set (CPU) or allocated memory (CUDA), in bytes.
@@ -108,7 +98,7 @@ def peak_memory(device: torch.device) -> Iterator[dict[str, float]]:
         record["peak"] = torch.cuda.max_memory_allocated(device)
         return
     gc.collect()
-    _return_free_memory()
+    return_free_memory()  # the resident set at the start is what is in use, not what an earlier run freed
     reset = _reset_peak_rss()
     record["start"] = _status_bytes("VmRSS") or 0
     yield record

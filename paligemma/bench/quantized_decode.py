@@ -6,10 +6,16 @@
 One random bf16 checkpoint is written, then loaded once per weight format: bf16, int8 (per row) and int4 in groups
 of 128 and 32, each quantized as it loads. For each format and each kernel variant this CPU runs (or those named):
 
-- decode tokens/s at each batch (`harness.time_generation`, the formats taking turns, the best of `--repeats`);
+- decode tokens/s at each batch, measured in `--cycles` short cycles. Each format's prompt is prefilled once into a
+  static cache (`RewindableDecoder`); a cycle then runs `--new-tokens` greedy steps of every format and variant in
+  turn from that same point, and the memory bandwidth is measured between cycles. The memory of a shared machine
+  speeds up and slows down by more than the differences measured here, so every ratio is taken within one cycle
+  (a few seconds) and the report gives the median over the cycles: the speed-up over bf16, and the share of the
+  bound;
 - the bound for that format: the bytes one decoding step reads (its stored decoder and head, norms, the KV cache)
-  over the best memory bandwidth measured in the run, so each format is held to its own byte count;
-- transformers with torchao's int8 weight-only layers on the same weights, in the same run (`--no-torchao` skips);
+  over the memory bandwidth measured next to that cycle, so each format is held to its own byte count;
+- transformers with torchao's int8 weight-only layers on the same weights, in the same run (`--no-torchao` skips),
+  timed as one `generate` call per batch (`harness.time_generation`);
 - the top-1 agreement of next-token predictions with bf16, teacher-forced over `--positions` positions of one
   random token sequence after the image (the same sequence for every format);
 - loading each format in a fresh process (`harness.measure_load`): its time, and its peak resident memory above
@@ -20,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -28,6 +35,8 @@ from typing import Any
 import torch
 
 from ..models.config import PaliGemmaConfig
+from ..inference.decoders import CachedDecoder
+from ..inference.kv_cache import StaticCache
 from .command import progress, save_report
 from .harness import make_inputs, measure_load, reference_sharing_weights, time_generation, write_random_checkpoint
 from .limits import decode_step, linear_params, machine_description, measure_bandwidth
@@ -52,6 +61,36 @@ def step_bytes(model: torch.nn.Module, config: PaliGemmaConfig, batch: int, cont
     return bf16 - wide + stored
 
 
+class RewindableDecoder:
+    """Greedy decoding steps from one prefilled prompt, run again and again from the same point.
+
+    The prompt is prefilled once into a static cache; before each run the cache's lengths, the attention mask and
+    the position are put back, so every run decodes the same steps over the same context (new keys and values
+    overwrite the previous run's).
+    """
+
+    def __init__(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor], steps: int) -> None:
+        batch, length = inputs["input_ids"].shape
+        self.cache = StaticCache.for_model(model, batch, length + steps)
+        self.decoder = CachedDecoder(model, self.cache)
+        self.first = self.decoder.prefill(inputs).argmax(-1)  # [b]: the first new token
+        self.start = (list(self.cache.lengths), self.decoder.attention_mask, self.decoder.position)
+        self.steps = steps
+
+    @torch.no_grad()
+    def seconds_per_step(self) -> float:
+        """Run the steps again from the prefilled prompt; the mean time of a step, the first left out (it may still
+        wait for what the previous run left in the caches)."""
+        lengths, self.decoder.attention_mask, self.decoder.position = self.start
+        self.cache.lengths = list(lengths)
+        token = self.first
+        stamps = [time.perf_counter()]
+        for _ in range(self.steps):
+            token = self.decoder.step(token).argmax(-1)  # [b]
+            stamps.append(time.perf_counter())
+        return (stamps[-1] - stamps[1]) / (self.steps - 1)
+
+
 @torch.no_grad()
 def next_token_predictions(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     """The argmax of the logits at every text position of one teacher-forced forward pass: [positions]."""
@@ -71,7 +110,7 @@ def teacher_forced_inputs(config: PaliGemmaConfig, positions: int, seed: int = 1
             "pixel_values": inputs["pixel_values"]}
 
 
-def run(preset: str = "3b-224", batches: tuple[int, ...] = (1, 8), new_tokens: int = 32, repeats: int = 2,
+def run(preset: str = "3b-224", batches: tuple[int, ...] = (1, 8), new_tokens: int = 32, cycles: int = 5,
         variants: tuple[str, ...] | None = None, formats: tuple[str, ...] = tuple(FORMATS), positions: int = 256,
         torchao: bool = True, workdir: str | None = None, loading: bool = True, log=progress) -> dict[str, Any]:
     """Run the comparison; returns the report (see the module docstring)."""
@@ -88,18 +127,16 @@ def run(preset: str = "3b-224", batches: tuple[int, ...] = (1, 8), new_tokens: i
         raise SystemExit(f"error: this CPU cannot run the {', '.join(missing)} variant "
                          f"(it runs {', '.join(available)})")
     report: dict[str, Any] = {"preset": preset, "machine": machine_description(device), "kernel": kernel_status(),
-                              "new_tokens": new_tokens, "repeats": repeats, "positions": positions,
+                              "new_tokens": new_tokens, "cycles": cycles, "positions": positions,
                               "started": time.strftime("%Y-%m-%d %H:%M:%S"), "results": [], "agreement": {},
-                              "loading": {},
-                              "bandwidth_samples": []}
+                              "loading": {}, "bandwidth_samples": [], "cycle_bandwidths": {}}
     start = time.perf_counter()
 
     def bandwidth() -> float:
-        measured = measure_bandwidth(device)["gb_per_s"]
+        measured = measure_bandwidth(device, repeats=3)["gb_per_s"]
         report["bandwidth_samples"].append(round(measured, 2))
         return measured
 
-    bandwidth()
     with tempfile.TemporaryDirectory(dir=workdir) as scratch:
         directory = Path(scratch) / preset
         log(f"writing random {preset} weights (bf16) to {directory}")
@@ -130,29 +167,20 @@ def run(preset: str = "3b-224", batches: tuple[int, ...] = (1, 8), new_tokens: i
             for name, tokens in predictions.items():
                 report["agreement"][name] = round(float((tokens == predictions["bf16"]).float().mean()), 4)
         for batch in batches:
-            inputs = make_inputs(config, batch, device)
-            context = config.num_image_tokens + inputs["input_ids"].shape[1] + new_tokens // 2
-            runs: dict[tuple[str, str], list[float]] = {}
-            names = [(name, variant) for variant in variants for name in models]
-            if reference is not None and torchao:
-                names.append(("transformers + torchao int8", "-"))
-            for repeat in range(repeats):
-                order = names[repeat % len(names):] + names[: repeat % len(names)]
-                for name, variant in order:
-                    log(f"batch {batch}: {name} ({variant}), {new_tokens} tokens")
-                    implementation = "transformers" if name.startswith("transformers") else "ours"
-                    model = models.get(name, models.get("bf16"))
-                    with fast_paths(variant=variant if variant != "-" else variants[0]):
-                        measured = time_generation(implementation, model, reference, inputs, new_tokens, device)
-                    runs.setdefault((name, variant), []).append(measured["decode_tokens_per_s"])
-            best_bandwidth = max(report["bandwidth_samples"] + [bandwidth()])
-            for (name, variant), rates in runs.items():
-                nbytes = step_bytes(models[name], config, batch, context) if name in models else None
-                bound = batch * best_bandwidth * 1e9 / nbytes if nbytes else None
+            report["results"] += _time_cycles(models, config, batch, new_tokens, cycles, variants, bandwidth, report,
+                                              log)
+            if torchao and reference is not None:
+                log(f"batch {batch}: transformers with torchao's int8 weights, {new_tokens} tokens")
+                inputs = make_inputs(config, batch, device)
+                with fast_paths(variant=variants[0]):
+                    rate = time_generation("transformers", models["bf16"], reference, inputs, new_tokens,
+                                           device)["decode_tokens_per_s"]
+                bf16 = next(r for r in report["results"] if r["format"] == "bf16" and r["batch"] == batch)
                 report["results"].append({
-                    "format": name, "variant": variant, "batch": batch, "decode_tokens_per_s": max(rates),
-                    "samples": rates, "bytes_per_step": nbytes, "bound_tokens_per_s": bound,
-                    "fraction_of_bound": max(rates) / bound if bound else None,
+                    "format": "transformers + torchao int8", "variant": "-", "batch": batch,
+                    "decode_tokens_per_s": rate, "samples": [rate], "best_tokens_per_s": rate, "bytes_per_step": None,
+                    "bound_tokens_per_s": None, "fraction_of_bound": None,
+                    "speedup_over_bf16": rate / bf16["decode_tokens_per_s"],  # against bf16's median (one call)
                 })
         del models, reference
         gc.collect()
@@ -161,20 +189,63 @@ def run(preset: str = "3b-224", batches: tuple[int, ...] = (1, 8), new_tokens: i
     return report
 
 
+def _time_cycles(models: dict[str, torch.nn.Module], config: PaliGemmaConfig, batch: int, new_tokens: int,
+                 cycles: int, variants: tuple[str, ...], bandwidth, report: dict[str, Any], log) -> list[dict]:
+    """Every format and variant at one batch size, in `cycles` cycles with the bandwidth measured between them;
+    one result per format and variant, its figures the medians over the cycles."""
+    from ..kernels.linear import fast_paths
+
+    inputs = make_inputs(config, batch, torch.device("cpu"))
+    context = inputs["input_ids"].shape[1] + new_tokens // 2  # the mean context of a run's steps
+    decoders = {}
+    for name, model in models.items():
+        log(f"batch {batch}: prefilling the prompt for {name}, once")
+        with fast_paths(variant=variants[0]):
+            decoders[name] = RewindableDecoder(model, inputs, new_tokens)
+    names = [(name, variant) for variant in variants for name in models]
+    rates: dict[tuple[str, str], list[float]] = {key: [] for key in names}
+    measured = [bandwidth()]
+    for cycle in range(cycles):
+        log(f"batch {batch}: cycle {cycle + 1} of {cycles}, {new_tokens} steps of each format and variant")
+        for name, variant in names[cycle % len(names):] + names[: cycle % len(names)]:  # a new order each cycle
+            with fast_paths(variant=variant):
+                rates[(name, variant)].append(batch / decoders[name].seconds_per_step())
+        measured.append(bandwidth())
+    del decoders
+    gc.collect()
+    report["cycle_bandwidths"][str(batch)] = [round(b, 2) for b in measured]
+    per_cycle = [max(before, after) for before, after in zip(measured, measured[1:])]  # the faster of the two
+    results = []
+    for name, variant in names:
+        nbytes = step_bytes(models[name], config, batch, context)
+        samples = rates[(name, variant)]
+        bounds = [batch * gb_per_s * 1e9 / nbytes for gb_per_s in per_cycle]
+        result = {"format": name, "variant": variant, "batch": batch,
+                  "decode_tokens_per_s": statistics.median(samples), "samples": [round(r, 3) for r in samples],
+                  "best_tokens_per_s": max(samples), "bytes_per_step": nbytes,
+                  "bound_tokens_per_s": statistics.median(bounds),
+                  "fraction_of_bound": statistics.median(r / b for r, b in zip(samples, bounds))}
+        if ("bf16", variant) in rates:
+            result["speedup_over_bf16"] = statistics.median(r / b for r, b in zip(samples, rates[("bf16", variant)]))
+        results.append(result)
+    return results
+
+
 def format_table(report: dict[str, Any]) -> str:
-    """The report as text: one line per format, variant and batch, with its speed-up over bf16 (same variant)."""
-    lines = [f"{report['preset']}, {report['machine'].get('cpu', '')}, bandwidth {report['bandwidth_gb_per_s']:.1f} "
-             f"GB/s (best of {len(report['bandwidth_samples'])}), {report['kernel']}",
-             f"{'format':28} {'variant':7} {'batch':>5} {'tokens/s':>9} {'bound':>7} {'of bound':>8} {'vs bf16':>8}"]
-    base = {(r["variant"], r["batch"]): r["decode_tokens_per_s"] for r in report["results"] if r["format"] == "bf16"}
+    """The report as text: one line per format, variant and batch; tokens/s, bound, share of the bound and speed-up
+    over bf16 (same variant) are medians over the cycles, each ratio taken within a cycle."""
+    samples = report["bandwidth_samples"]
+    lines = [f"{report['preset']}, {report['machine'].get('cpu', '')}, bandwidth {min(samples):.1f} to "
+             f"{max(samples):.1f} GB/s ({len(samples)} samples), {report['kernel']}",
+             f"{'format':28} {'variant':7} {'batch':>5} {'tokens/s':>9} {'best':>7} {'bound':>7} {'of bound':>8} "
+             f"{'vs bf16':>8}"]
     for r in report["results"]:
-        first_variant = next(iter(base))[0] if base else None
-        reference = base.get((r["variant"], r["batch"])) or base.get((first_variant, r["batch"]))
-        ratio = f"{r['decode_tokens_per_s'] / reference:7.2f}x" if reference else ""
+        best = f"{r['best_tokens_per_s']:7.2f}" if r.get("best_tokens_per_s") else ""
         bound = f"{r['bound_tokens_per_s']:7.2f}" if r["bound_tokens_per_s"] else ""
         share = f"{r['fraction_of_bound']:7.0%}" if r["fraction_of_bound"] else ""
-        lines.append(f"{r['format']:28} {r['variant']:7} {r['batch']:>5} {r['decode_tokens_per_s']:9.2f} {bound:>7} "
-                     f"{share:>8} {ratio:>8}")
+        ratio = f"{r['speedup_over_bf16']:7.2f}x" if r.get("speedup_over_bf16") else ""
+        lines.append(f"{r['format']:28} {r['variant']:7} {r['batch']:>5} {r['decode_tokens_per_s']:9.2f} {best:>7} "
+                     f"{bound:>7} {share:>8} {ratio:>8}")
     for name, measured in report.get("loading", {}).items():
         peak = measured["peak_above_base_bytes"] / 1e9
         lines.append(f"loading {name}: {measured['seconds']:.1f} s, peak {peak:.2f} GB "
@@ -191,8 +262,8 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="3b-224", choices=["tiny", "small", "3b-224"])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--new-tokens", type=int, default=32, help="decoding steps of each format in a cycle")
+    parser.add_argument("--cycles", type=int, default=5, help="cycles through every format and variant")
     parser.add_argument("--variants", nargs="+", help="kernel variants to run (default: every one this CPU runs)")
     parser.add_argument("--formats", nargs="+", default=list(FORMATS), choices=list(FORMATS))
     parser.add_argument("--positions", type=int, default=256, help="positions for the top-1 agreement")
@@ -201,9 +272,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", help="where to write the random checkpoint (default: the temporary folder)")
     parser.add_argument("--json", help="write the report here")
     args = parser.parse_args(argv)
-    if args.new_tokens < 2 or args.repeats < 1 or args.positions < 1 or min(args.batches) < 1:
-        parser.error("--new-tokens must be at least 2, --repeats, --positions and --batches at least 1")
-    report = run(args.preset, tuple(args.batches), args.new_tokens, args.repeats,
+    if args.new_tokens < 2 or args.cycles < 1 or args.positions < 1 or min(args.batches) < 1:
+        parser.error("--new-tokens must be at least 2, --cycles, --positions and --batches at least 1")
+    report = run(args.preset, tuple(args.batches), args.new_tokens, args.cycles,
                  tuple(args.variants) if args.variants else None, tuple(args.formats), args.positions,
                  not args.no_torchao, args.workdir, not args.no_loading)
     print(format_table(report))

@@ -27,6 +27,7 @@ from ..training.lora import merge_lora
 from .adapter import load_adapter
 from .config_file import read_config
 from .layout import CONFIG_FILE, TIED_HEAD, to_disk_name, to_library_name, weight_files
+from .memory import return_free_memory
 from .processor import PaliGemmaProcessor
 from .safetensors import SafetensorsFile
 
@@ -233,6 +234,7 @@ def _load_quantized(
             for start in range(0, layer.out_features, step):
                 rows = (start, min(layer.out_features, start + step))
                 layer.set_weight(file.read(disk_name, dtype, device, rows=rows), rows=slice(*rows))
+                return_free_memory()  # the chunk and its temporaries, freed between codes that stay (io.memory)
             used.add(source)
             for buffer_name, buffer in layer.named_buffers():
                 state[f"{name}.{buffer_name}"] = buffer
