@@ -255,12 +255,30 @@ def test_ask_quantized(capsys):
     assert "triangle" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("cache", ["static", "compiled"])
+def test_rewound_decoding_repeats_greedy_generation(cache):
+    """The benchmark's `RewindableDecoder`, put back to its prefilled prompt before each run, decodes the very tokens
+    greedy generation decodes, run after run, eager or compiled, plain or int4."""
+    from paligemma.bench.quantized_decode import RewindableDecoder
+    from paligemma.inference.generation import generate_ids
+    from paligemma.inference.sampling import GenerationSettings
+
+    model, processor = load_pretrained("tiny-shapes", dtype=torch.bfloat16, quantization="int4", group_size=32)
+    batch = processor(text=["caption en", "detect circle"], images=[str(ROOT / "images" / "shapes_4.png")] * 2)
+    expected = generate_ids(model, batch, GenerationSettings(6), cache="static")  # [2, 6]
+    decoder = RewindableDecoder(model, dict(batch), 6, cache)
+    for _ in range(2):
+        assert decoder.seconds_per_step() > 0
+        assert torch.equal(decoder.tokens, expected)
+
+
 def test_quantized_decode_benchmark_runs():
     """The benchmark's whole path on the tiny preset: every format and variant measured against its own bound,
     torchao's int8 in transformers beside it, and the agreement of bf16 with itself exactly 1."""
     from paligemma.bench.quantized_decode import format_table, run
 
-    report = run("tiny", batches=(1,), new_tokens=3, cycles=2, positions=16, log=lambda message: None)
+    report = run("tiny", batches=(1,), new_tokens=3, cycles=2, positions=16, decode_cache="static",
+                 log=lambda message: None)
     formats = {(r["format"], r["variant"]) for r in report["results"]}
     for variant in linear.cpu_variants():
         assert {(name, variant) for name in ("bf16", "int8", "int4-g128", "int4-g32")} <= formats

@@ -35,7 +35,9 @@ from typing import Any
 import torch
 
 from ..models.config import PaliGemmaConfig
+from ..errors import PaliGemmaError
 from ..inference.decoders import CachedDecoder
+from ..inference.fixed_shape import FixedShapeDecoder
 from ..inference.kv_cache import StaticCache
 from .command import progress, save_report
 from .harness import make_inputs, measure_load, reference_sharing_weights, time_generation, write_random_checkpoint
@@ -64,30 +66,55 @@ def step_bytes(model: torch.nn.Module, config: PaliGemmaConfig, batch: int, cont
 class RewindableDecoder:
     """Greedy decoding steps from one prefilled prompt, run again and again from the same point.
 
-    The prompt is prefilled once into a static cache; before each run the cache's lengths, the attention mask and
-    the position are put back, so every run decodes the same steps over the same context (new keys and values
-    overwrite the previous run's).
+    The prompt is prefilled once; before each run the decoder is put back where the prefill left it (how many
+    positions its cache holds, and which are real tokens), so every run decodes the same steps over the same context
+    and overwrites the previous run's keys and values. `cache` is "static" (eager steps through a `StaticCache`) or
+    "compiled" (the fixed-shape step compiled by `torch.compile`, as `generate(..., cache="compiled")` decodes).
     """
 
-    def __init__(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor], steps: int) -> None:
+    def __init__(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor], steps: int,
+                 cache: str = "static") -> None:
         batch, length = inputs["input_ids"].shape
-        self.cache = StaticCache.for_model(model, batch, length + steps)
-        self.decoder = CachedDecoder(model, self.cache)
+        if cache == "static":
+            self.decoder: CachedDecoder | FixedShapeDecoder = CachedDecoder(
+                model, StaticCache.for_model(model, batch, length + steps))
+        elif cache == "compiled":
+            self.decoder = FixedShapeDecoder(model, batch, length + steps, compile=True)
+        else:
+            raise PaliGemmaError(f"cache must be 'static' or 'compiled', got {cache!r}")
         self.first = self.decoder.prefill(inputs).argmax(-1)  # [b]: the first new token
-        self.start = (list(self.cache.lengths), self.decoder.attention_mask, self.decoder.position)
+        self.start = self._state()
         self.steps = steps
+        self.tokens: torch.Tensor | None = None
+
+    def _state(self) -> tuple:
+        decoder = self.decoder
+        if isinstance(decoder, FixedShapeDecoder):
+            return decoder.cache.length, decoder.seen.clone()
+        return list(decoder.cache.lengths), decoder.attention_mask, decoder.position
+
+    def _rewind(self) -> None:
+        decoder = self.decoder
+        if isinstance(decoder, FixedShapeDecoder):
+            length, seen = self.start
+            decoder.cache.length = length
+            decoder.cache.write_at.fill_(length)
+            decoder.seen.copy_(seen)
+        else:
+            lengths, decoder.attention_mask, decoder.position = self.start
+            decoder.cache.lengths = list(lengths)
 
     @torch.no_grad()
     def seconds_per_step(self) -> float:
         """Run the steps again from the prefilled prompt; the mean time of a step, the first left out (it may still
-        wait for what the previous run left in the caches)."""
-        lengths, self.decoder.attention_mask, self.decoder.position = self.start
-        self.cache.lengths = list(lengths)
-        token = self.first
+        wait for what the previous run left in the caches, or compile)."""
+        self._rewind()
+        tokens = [self.first]
         stamps = [time.perf_counter()]
         for _ in range(self.steps):
-            token = self.decoder.step(token).argmax(-1)  # [b]
+            tokens.append(self.decoder.step(tokens[-1]).argmax(-1))  # [b]
             stamps.append(time.perf_counter())
+        self.tokens = torch.stack(tokens[:-1], 1)  # [b, steps]: the tokens this run fed, the first new one first
         return (stamps[-1] - stamps[1]) / (self.steps - 1)
 
 
@@ -112,7 +139,8 @@ def teacher_forced_inputs(config: PaliGemmaConfig, positions: int, seed: int = 1
 
 def run(preset: str = "3b-224", batches: tuple[int, ...] = (1, 8), new_tokens: int = 32, cycles: int = 5,
         variants: tuple[str, ...] | None = None, formats: tuple[str, ...] = tuple(FORMATS), positions: int = 256,
-        torchao: bool = True, workdir: str | None = None, loading: bool = True, log=progress) -> dict[str, Any]:
+        torchao: bool = True, workdir: str | None = None, loading: bool = True, decode_cache: str = "compiled",
+        log=progress) -> dict[str, Any]:
     """Run the comparison; returns the report (see the module docstring)."""
     from ..bench import PRESETS
     from ..io.checkpoint import load_model
@@ -128,6 +156,7 @@ def run(preset: str = "3b-224", batches: tuple[int, ...] = (1, 8), new_tokens: i
                          f"(it runs {', '.join(available)})")
     report: dict[str, Any] = {"preset": preset, "machine": machine_description(device), "kernel": kernel_status(),
                               "new_tokens": new_tokens, "cycles": cycles, "positions": positions,
+                              "decode_cache": decode_cache,
                               "started": time.strftime("%Y-%m-%d %H:%M:%S"), "results": [], "agreement": {},
                               "loading": {}, "bandwidth_samples": [], "cycle_bandwidths": {}}
     start = time.perf_counter()
@@ -167,8 +196,8 @@ def run(preset: str = "3b-224", batches: tuple[int, ...] = (1, 8), new_tokens: i
             for name, tokens in predictions.items():
                 report["agreement"][name] = round(float((tokens == predictions["bf16"]).float().mean()), 4)
         for batch in batches:
-            report["results"] += _time_cycles(models, config, batch, new_tokens, cycles, variants, bandwidth, report,
-                                              log)
+            report["results"] += _time_cycles(models, config, batch, new_tokens, cycles, variants, decode_cache,
+                                              bandwidth, report, log)
             if torchao and reference is not None:
                 log(f"batch {batch}: transformers with torchao's int8 weights, {new_tokens} tokens")
                 inputs = make_inputs(config, batch, device)
@@ -190,27 +219,39 @@ def run(preset: str = "3b-224", batches: tuple[int, ...] = (1, 8), new_tokens: i
 
 
 def _time_cycles(models: dict[str, torch.nn.Module], config: PaliGemmaConfig, batch: int, new_tokens: int,
-                 cycles: int, variants: tuple[str, ...], bandwidth, report: dict[str, Any], log) -> list[dict]:
+                 cycles: int, variants: tuple[str, ...], decode_cache: str, bandwidth, report: dict[str, Any],
+                 log) -> list[dict]:
     """Every format and variant at one batch size, in `cycles` cycles with the bandwidth measured between them;
-    one result per format and variant, its figures the medians over the cycles."""
+    one result per format and variant, its figures the medians over the cycles.
+
+    Compiled, each format and variant is a graph of its own (the variant is read while tracing): the compiler may
+    keep as many as this batch needs, and they are compiled in a first, untimed pass.
+    """
     from ..kernels.linear import fast_paths
 
     inputs = make_inputs(config, batch, torch.device("cpu"))
     context = inputs["input_ids"].shape[1] + new_tokens // 2  # the mean context of a run's steps
-    decoders = {}
-    for name, model in models.items():
-        log(f"batch {batch}: prefilling the prompt for {name}, once")
-        with fast_paths(variant=variants[0]):
-            decoders[name] = RewindableDecoder(model, inputs, new_tokens)
     names = [(name, variant) for variant in variants for name in models]
     rates: dict[tuple[str, str], list[float]] = {key: [] for key in names}
-    measured = [bandwidth()]
-    for cycle in range(cycles):
-        log(f"batch {batch}: cycle {cycle + 1} of {cycles}, {new_tokens} steps of each format and variant")
-        for name, variant in names[cycle % len(names):] + names[: cycle % len(names)]:  # a new order each cycle
-            with fast_paths(variant=variant):
-                rates[(name, variant)].append(batch / decoders[name].seconds_per_step())
-        measured.append(bandwidth())
+    torch._dynamo.reset()  # the previous batch's compiled steps
+    with torch._dynamo.config.patch(recompile_limit=max(8, len(names))):
+        decoders = {}
+        for name, model in models.items():
+            log(f"batch {batch}: prefilling the prompt for {name}, once")
+            with fast_paths(variant=variants[0]):
+                decoders[name] = RewindableDecoder(model, inputs, new_tokens, decode_cache)
+        if decode_cache == "compiled":
+            log(f"batch {batch}: compiling the step of every format and variant (untimed)")
+            for name, variant in names:
+                with fast_paths(variant=variant):
+                    decoders[name].seconds_per_step()
+        measured = [bandwidth()]
+        for cycle in range(cycles):
+            log(f"batch {batch}: cycle {cycle + 1} of {cycles}, {new_tokens} steps of each format and variant")
+            for name, variant in names[cycle % len(names):] + names[: cycle % len(names)]:  # a new order each cycle
+                with fast_paths(variant=variant):
+                    rates[(name, variant)].append(batch / decoders[name].seconds_per_step())
+            measured.append(bandwidth())
     del decoders
     gc.collect()
     report["cycle_bandwidths"][str(batch)] = [round(b, 2) for b in measured]
@@ -269,6 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--positions", type=int, default=256, help="positions for the top-1 agreement")
     parser.add_argument("--no-torchao", action="store_true", help="skip transformers with torchao's int8")
     parser.add_argument("--no-loading", action="store_true", help="skip the loading measurements")
+    parser.add_argument("--decode-cache", default="compiled", choices=["static", "compiled"],
+                        help="how this library decodes: eager steps, or the fixed-shape step compiled (default)")
     parser.add_argument("--workdir", help="where to write the random checkpoint (default: the temporary folder)")
     parser.add_argument("--json", help="write the report here")
     args = parser.parse_args(argv)
@@ -276,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--new-tokens must be at least 2, --cycles, --positions and --batches at least 1")
     report = run(args.preset, tuple(args.batches), args.new_tokens, args.cycles,
                  tuple(args.variants) if args.variants else None, tuple(args.formats), args.positions,
-                 not args.no_torchao, args.workdir, not args.no_loading)
+                 not args.no_torchao, args.workdir, not args.no_loading, args.decode_cache)
     print(format_table(report))
     save_report(report, args.json, "paligemma.bench.quantized_decode", argv)
     return 0

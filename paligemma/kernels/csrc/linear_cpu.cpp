@@ -171,7 +171,6 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& codes, const at::T
               "scale: float32 [N]");
   TORCH_CHECK(cpu_runs(variant, false), "this CPU cannot run the '", variant, "' kernel variant");
   const int64_t M = x.size(0);
-  const Float32Rows rows(x);
   auto sums = at::zeros({M, N}, x.options().dtype(at::kFloat));
   const pg::Int8Weights weights{codes.data_ptr<int8_t>(), scale.data_ptr<float>()};
   float* y = sums.data_ptr<float>();
@@ -184,14 +183,14 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& codes, const at::T
     const auto* xb = reinterpret_cast<const uint16_t*>(x.data_ptr());
     pg::run<pg::Avx512Bf16Int8>(M, xb, weights, y, K, N, threads);
   } else if (variant == "avx512") {
-    pg::run<pg::Avx512Int8>(M, rows.data, weights, y, K, N, threads);
+    pg::run<pg::Avx512Int8>(M, Float32Rows(x).data, weights, y, K, N, threads);
   } else if (variant == "avx2") {
-    pg::run<pg::Avx2Int8>(M, rows.data, weights, y, K, N, threads);
+    pg::run<pg::Avx2Int8>(M, Float32Rows(x).data, weights, y, K, N, threads);
   } else {
     TORCH_CHECK(false, "no kernel variant '", variant, "' in this build");
   }
 #elif defined(PG_NEON)
-  pg::run<pg::NeonInt8>(M, rows.data, weights, y, K, N, threads);
+  pg::run<pg::NeonInt8>(M, Float32Rows(x).data, weights, y, K, N, threads);
 #endif
   return finish(sums, x, bias, dtype);
 }
