@@ -6,9 +6,10 @@
 One random bf16 checkpoint is written, then loaded once per weight format: bf16, int8 (per row) and int4 in groups
 of 128 and 32, each quantized as it loads. For each format and each kernel variant this CPU runs (or those named):
 
-- decode tokens/s at each batch, measured in `--cycles` short cycles. Each format's prompt is prefilled once into a
-  static cache (`RewindableDecoder`); a cycle then runs `--new-tokens` greedy steps of every format and variant in
-  turn from that same point, and the memory bandwidth is measured between cycles. The memory of a shared machine
+- decode tokens/s at each batch, measured in `--cycles` short cycles. Each format's prompt is prefilled once
+  (`RewindableDecoder`); a cycle then runs `--new-tokens` greedy steps of every format and variant in turn from that
+  same point (the fixed-shape step compiled, as `cache="compiled"` decodes, or with `--decode-cache static` eager
+  steps through a static cache), and the memory bandwidth is measured between cycles. The memory of a shared machine
   speeds up and slows down by more than the differences measured here, so every ratio is taken within one cycle
   (a few seconds) and the report gives the median over the cycles: the speed-up over bf16, and the share of the
   bound;
