@@ -1,6 +1,6 @@
 """Decoding with int8 and int4 weights against bf16, on one set of random weights, in one run:
 
-    python -m paligemma.bench.quantized_decode --preset 3b-224 --json book/data/quantized_decode.json
+    python -m paligemma.bench.quantized_decode --preset 3b-224 --json book/data/quantized_decode_cpu.json
     python -m paligemma.bench.quantized_decode --preset small --batches 1 --variants avx2
 
 One random bf16 checkpoint is written, then loaded once per weight format: bf16, int8 (per row) and int4 in groups
