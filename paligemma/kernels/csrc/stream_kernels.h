@@ -466,21 +466,25 @@ struct Avx512Bf16Int4 {
     for (int m = 0; m < M; ++m)
       for (int r = 0; r < R; ++r) acc[m][r] = _mm512_setzero_ps(), constant[m][r] = 0.0f;
     int64_t k = k0;
+    // The group of position k is k >> group_shift (a division in the loop cost as much as a line's arithmetic).
+    const int group_shift = w.group == 32 ? 5 : w.group == 64 ? 6 : 7;
     for (; k + 128 <= k1; k += 128) {  // chunks start at multiples of 128, so these are whole, arranged lines
-      const int64_t g = k / w.group;
+      const int64_t g = k >> group_shift;
       for (int r = 0; r < R; ++r) {
         const uint8_t* line = w.packed + ((n0 + r) * K + k) / 2;
         _mm_prefetch(reinterpret_cast<const char*>(line) + kAheadBytes, _MM_HINT_T0);
-        if (next_block) _mm_prefetch(reinterpret_cast<const char*>(line + R * K / 2), _MM_HINT_T1);
+        // The next block's line, or this one again in the last block: a select, not a branch (see the scale below).
+        _mm_prefetch(reinterpret_cast<const char*>(next_block ? line + R * K / 2 : line), _MM_HINT_T1);
         const __m512i words = _mm512_loadu_si512(line);
         // (nibble & 0xF) | 0x4300 for each of the four nibbles: four registers of 32 bf16 numbers 128 + code
         const __m512i nibble0 = _mm512_ternarylogic_epi32(words, low_bits, magic, 0xEA);
         const __m512i nibble1 = _mm512_ternarylogic_epi32(_mm512_srli_epi16(words, 4), low_bits, magic, 0xEA);
         const __m512i nibble2 = _mm512_ternarylogic_epi32(_mm512_srli_epi16(words, 8), low_bits, magic, 0xEA);
         const __m512i nibble3 = _mm512_or_si512(_mm512_srli_epi16(words, 12), magic);
-        const S* scales = w.scale + (n0 + r) * groups + g;
-        const __m512 scale = per_line == 1 ? _mm512_set1_ps(scalar_value(*scales))
-                                           : _mm512_permutexvar_ps(lane_group, sixteen_floats(scales, line_groups));
+        // One path for every group size (with one group a line, lane_group is all zeros: a broadcast), so that no
+        // branch splits the loop: at a branch's join GCC stored every accumulator to the stack, each line.
+        const __m512 scale =
+            _mm512_permutexvar_ps(lane_group, sixteen_floats(w.scale + (n0 + r) * groups + g, line_groups));
         for (int m = 0; m < M; ++m) {
           const X* xm = x + m * K + k;
           __m512 even = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)nibble0, (__m512bh)_mm512_loadu_si512(xm));
