@@ -204,6 +204,25 @@ struct Avx512Lanes<float> {
   PG_AVX512 static __m512 multiply_add(__m512 acc, Register w, Register x) { return _mm512_fmadd_ps(w, x, acc); }
 };
 
+// The block both stepped AVX-512 kernels run (Avx512Wide, Avx512Bf16Int8): unmasked steps of `Values` inputs, then
+// one masked step for the chunk's short end, then each row's sums into y, times the row's scale where there is one.
+template <typename V, int Values, typename Mask, int M, int R, typename Weights>
+PG_AVX512 inline void stepped_block(const typename V::X* x, Weights w, const float* scale, float* y, int64_t K,
+                                    int64_t N, int64_t n0, int64_t k0, int64_t k1) {
+  const bool next_block = n0 + 2 * R <= N;
+  __m512 acc[M][R];
+  for (int m = 0; m < M; ++m)
+    for (int r = 0; r < R; ++r) acc[m][r] = _mm512_setzero_ps();
+  int64_t k = k0;
+  for (; k + Values <= k1; k += Values) V::template step<M, R, false>(x, w, K, n0, k, 0, next_block, acc);
+  if (k < k1) V::template step<M, R, true>(x, w, K, n0, k, Mask((1ull << (k1 - k)) - 1), next_block, acc);
+  for (int m = 0; m < M; ++m)
+    for (int r = 0; r < R; ++r) {
+      const float sum = _mm512_reduce_add_ps(acc[m][r]);
+      y[m * N + n0 + r] += scale != nullptr ? scale[n0 + r] * sum : sum;
+    }
+}
+
 // bf16 or fp32 weights and x of the same type, one register of each row a step.
 template <typename T>
 struct Avx512Wide {
@@ -236,16 +255,7 @@ struct Avx512Wide {
   template <int M, int R>
   PG_AVX512 static void block(const X* x, const W* w, float* y, int64_t K, int64_t N, int64_t n0, int64_t k0,
                               int64_t k1) {
-    constexpr int v = Lanes::kValues;
-    const bool next_block = n0 + 2 * R <= N;
-    __m512 acc[M][R];
-    for (int m = 0; m < M; ++m)
-      for (int r = 0; r < R; ++r) acc[m][r] = _mm512_setzero_ps();
-    int64_t k = k0;
-    for (; k + v <= k1; k += v) step<M, R, false>(x, w, K, n0, k, 0, next_block, acc);
-    if (k < k1) step<M, R, true>(x, w, K, n0, k, typename Lanes::Mask((1ull << (k1 - k)) - 1), next_block, acc);
-    for (int m = 0; m < M; ++m)
-      for (int r = 0; r < R; ++r) y[m * N + n0 + r] += _mm512_reduce_add_ps(acc[m][r]);
+    stepped_block<Avx512Wide, Lanes::kValues, typename Lanes::Mask, M, R>(x, w, nullptr, y, K, N, n0, k0, k1);
   }
 };
 
@@ -339,15 +349,7 @@ struct Avx512Bf16Int8 {
   template <int M, int R>
   PG_AVX512 static void block(const X* x, Weights w, float* y, int64_t K, int64_t N, int64_t n0, int64_t k0,
                               int64_t k1) {
-    const bool next_block = n0 + 2 * R <= N;
-    __m512 acc[M][R];
-    for (int m = 0; m < M; ++m)
-      for (int r = 0; r < R; ++r) acc[m][r] = _mm512_setzero_ps();
-    int64_t k = k0;
-    for (; k + 32 <= k1; k += 32) step<M, R, false>(x, w, K, n0, k, 0, next_block, acc);
-    if (k < k1) step<M, R, true>(x, w, K, n0, k, __mmask32((1ull << (k1 - k)) - 1), next_block, acc);
-    for (int m = 0; m < M; ++m)
-      for (int r = 0; r < R; ++r) y[m * N + n0 + r] += w.scale[n0 + r] * _mm512_reduce_add_ps(acc[m][r]);
+    stepped_block<Avx512Bf16Int8, 32, __mmask32, M, R>(x, w, w.scale, y, K, N, n0, k0, k1);
   }
 };
 
@@ -466,14 +468,14 @@ struct Avx512Bf16Int4 {
     for (int m = 0; m < M; ++m)
       for (int r = 0; r < R; ++r) acc[m][r] = _mm512_setzero_ps(), constant[m][r] = 0.0f;
     int64_t k = k0;
-    // The group of position k is k >> group_shift (a division in the loop cost as much as a line's arithmetic).
+    // The group of position k is k >> group_shift (k / w.group was a 64-bit division every line).
     const int group_shift = w.group == 32 ? 5 : w.group == 64 ? 6 : 7;
     for (; k + 128 <= k1; k += 128) {  // chunks start at multiples of 128, so these are whole, arranged lines
       const int64_t g = k >> group_shift;
       for (int r = 0; r < R; ++r) {
         const uint8_t* line = w.packed + ((n0 + r) * K + k) / 2;
         _mm_prefetch(reinterpret_cast<const char*>(line) + kAheadBytes, _MM_HINT_T0);
-        // The next block's line, or this one again in the last block: a select, not a branch (see the scale below).
+        // The next block's line, or this one again in the last block: a select, not a branch in the loop.
         _mm_prefetch(reinterpret_cast<const char*>(next_block ? line + R * K / 2 : line), _MM_HINT_T1);
         const __m512i words = _mm512_loadu_si512(line);
         // (nibble & 0xF) | 0x4300 for each of the four nibbles: four registers of 32 bf16 numbers 128 + code
@@ -482,7 +484,8 @@ struct Avx512Bf16Int4 {
         const __m512i nibble2 = _mm512_ternarylogic_epi32(_mm512_srli_epi16(words, 8), low_bits, magic, 0xEA);
         const __m512i nibble3 = _mm512_or_si512(_mm512_srli_epi16(words, 12), magic);
         // One path for every group size (with one group a line, lane_group is all zeros: a broadcast), so that no
-        // branch splits the loop: at a branch's join GCC stored every accumulator to the stack, each line.
+        // branch splits the loop. GCC still stores the accumulators to the stack each line; loops of their own per
+        // group size, without the masked load, removed that at one row of x but measured no faster.
         const __m512 scale =
             _mm512_permutexvar_ps(lane_group, sixteen_floats(w.scale + (n0 + r) * groups + g, line_groups));
         for (int m = 0; m < M; ++m) {
