@@ -3,6 +3,7 @@ product of the dequantized weights, and a quantized tiny-shapes still reads its 
 
 from __future__ import annotations
 
+import statistics
 import warnings
 from pathlib import Path
 
@@ -292,7 +293,12 @@ def test_quantized_decode_benchmark_runs():
     assert all(r["decode_tokens_per_s"] > 0 and len(r["samples"]) == (2 if r["variant"] != "-" else 1)
                for r in report["results"])
     assert all(r["speedup_over_bf16"] == 1.0 for r in report["results"] if r["format"] == "bf16")
-    assert len(report["cycle_bandwidths"]["1"]) == 3  # before the first cycle and after each
+    timed = [r for r in report["results"] if r["variant"] != "-"]
+    samples = report["run_bandwidths"]["1"]  # before the first run and after each run of each cycle
+    assert len(samples) == 1 + 2 * len(timed)
+    for r in timed:  # each run's bound is from the faster of the samples beside it, and its read rate its bytes
+        assert len(r["bandwidth_beside_gb_per_s"]) == 2 and set(r["bandwidth_beside_gb_per_s"]) <= set(samples)
+        assert r["read_gb_per_s"] == pytest.approx(statistics.median(r["samples"]) * r["bytes_per_step"] / 1e9, 1e-2)
     assert "top-1 agreement with bf16" in format_table(report)
     loading = report["loading"]  # each format loaded in a fresh process, quantized as it loads
     assert set(loading) == {"bf16", "int8", "int4-g128", "int4-g32"}

@@ -9,12 +9,13 @@ of 128 and 32, each quantized as it loads. For each format and each kernel varia
 - decode tokens/s at each batch, measured in `--cycles` short cycles. Each format's prompt is prefilled once
   (`RewindableDecoder`); a cycle then runs `--new-tokens` greedy steps of every format and variant in turn from that
   same point (the fixed-shape step compiled, as `cache="compiled"` decodes, or with `--decode-cache static` eager
-  steps through a static cache), and the memory bandwidth is measured between cycles. The memory of a shared machine
-  speeds up and slows down by more than the differences measured here, so every ratio is taken within one cycle
-  (a few seconds) and the report gives the median over the cycles: the speed-up over bf16, and the share of the
-  bound;
+  steps through a static cache), and the memory bandwidth is measured before and after each of those runs. The
+  memory of a shared machine speeds up and slows down by more than the differences measured here, so every ratio is
+  taken within one cycle (a few seconds) and the report gives the median over the cycles: the speed-up over bf16,
+  and the share of the bound;
 - the bound for that format: the bytes one decoding step reads (its stored decoder and head, norms, the KV cache)
-  over the memory bandwidth measured next to that cycle, so each format is held to its own byte count;
+  over the memory bandwidth measured next to that run (the faster of the samples just before and just after it),
+  so each format is held to its own byte count; and the rate at which its steps read those bytes, GB/s;
 - transformers with torchao's int8 weight-only layers on the same weights, in the same run (`--no-torchao` skips),
   timed as one `generate` call per batch (`harness.time_generation`);
 - the top-1 agreement of next-token predictions with bf16, teacher-forced over `--positions` positions of one
@@ -159,7 +160,7 @@ def run(preset: str = "3b-224", batches: tuple[int, ...] = (1, 8), new_tokens: i
                               "new_tokens": new_tokens, "cycles": cycles, "positions": positions,
                               "decode_cache": decode_cache,
                               "started": time.strftime("%Y-%m-%d %H:%M:%S"), "results": [], "agreement": {},
-                              "loading": {}, "bandwidth_samples": [], "cycle_bandwidths": {}}
+                              "loading": {}, "bandwidth_samples": [], "run_bandwidths": {}}
     start = time.perf_counter()
 
     def bandwidth() -> float:
@@ -222,8 +223,8 @@ def run(preset: str = "3b-224", batches: tuple[int, ...] = (1, 8), new_tokens: i
 def _time_cycles(models: dict[str, torch.nn.Module], config: PaliGemmaConfig, batch: int, new_tokens: int,
                  cycles: int, variants: tuple[str, ...], decode_cache: str, bandwidth, report: dict[str, Any],
                  log) -> list[dict]:
-    """Every format and variant at one batch size, in `cycles` cycles with the bandwidth measured between them;
-    one result per format and variant, its figures the medians over the cycles.
+    """Every format and variant at one batch size, in `cycles` cycles, the bandwidth measured before the first run
+    and after every run; one result per format and variant, its figures the medians over the cycles.
 
     Compiled, each format and variant is a graph of its own (the variant is read while tracing): the compiler may
     keep as many as this batch needs, and they are compiled in a first, untimed pass.
@@ -234,6 +235,7 @@ def _time_cycles(models: dict[str, torch.nn.Module], config: PaliGemmaConfig, ba
     context = inputs["input_ids"].shape[1] + new_tokens // 2  # the mean context of a run's steps
     names = [(name, variant) for variant in variants for name in models]
     rates: dict[tuple[str, str], list[float]] = {key: [] for key in names}
+    beside: dict[tuple[str, str], list[float]] = {key: [] for key in names}  # each run's bandwidth, GB/s
     torch._dynamo.reset()  # the previous batch's compiled steps
     with torch._dynamo.config.patch(recompile_limit=max(8, len(names))):
         decoders = {}
@@ -249,22 +251,24 @@ def _time_cycles(models: dict[str, torch.nn.Module], config: PaliGemmaConfig, ba
         measured = [bandwidth()]
         for cycle in range(cycles):
             log(f"batch {batch}: cycle {cycle + 1} of {cycles}, {new_tokens} steps of each format and variant")
-            for name, variant in names[cycle % len(names):] + names[: cycle % len(names)]:  # a new order each cycle
-                with fast_paths(variant=variant):
-                    rates[(name, variant)].append(batch / decoders[name].seconds_per_step())
-            measured.append(bandwidth())
+            for key in names[cycle % len(names):] + names[: cycle % len(names)]:  # a new order each cycle
+                with fast_paths(variant=key[1]):
+                    rates[key].append(batch / decoders[key[0]].seconds_per_step())
+                measured.append(bandwidth())
+                beside[key].append(max(measured[-2:]))  # the faster of the samples before and after this run
     del decoders
     gc.collect()
-    report["cycle_bandwidths"][str(batch)] = [round(b, 2) for b in measured]
-    per_cycle = [max(before, after) for before, after in zip(measured, measured[1:])]  # the faster of the two
+    report["run_bandwidths"][str(batch)] = [round(b, 2) for b in measured]
     results = []
     for name, variant in names:
         nbytes = step_bytes(models[name], config, batch, context)
         samples = rates[(name, variant)]
-        bounds = [batch * gb_per_s * 1e9 / nbytes for gb_per_s in per_cycle]
+        bounds = [batch * gb_per_s * 1e9 / nbytes for gb_per_s in beside[(name, variant)]]
         result = {"format": name, "variant": variant, "batch": batch,
                   "decode_tokens_per_s": statistics.median(samples), "samples": [round(r, 3) for r in samples],
                   "best_tokens_per_s": max(samples), "bytes_per_step": nbytes,
+                  "read_gb_per_s": statistics.median(r / batch * nbytes / 1e9 for r in samples),
+                  "bandwidth_beside_gb_per_s": [round(b, 2) for b in beside[(name, variant)]],
                   "bound_tokens_per_s": statistics.median(bounds),
                   "fraction_of_bound": statistics.median(r / b for r, b in zip(samples, bounds))}
         if ("bf16", variant) in rates:
@@ -274,20 +278,21 @@ def _time_cycles(models: dict[str, torch.nn.Module], config: PaliGemmaConfig, ba
 
 
 def format_table(report: dict[str, Any]) -> str:
-    """The report as text: one line per format, variant and batch; tokens/s, bound, share of the bound and speed-up
-    over bf16 (same variant) are medians over the cycles, each ratio taken within a cycle."""
+    """The report as text: one line per format, variant and batch; tokens/s, the GB/s its steps read, bound, share of
+    the bound and speed-up over bf16 (same variant) are medians over the cycles, each ratio taken within a cycle."""
     samples = report["bandwidth_samples"]
     lines = [f"{report['preset']}, {report['machine'].get('cpu', '')}, bandwidth {min(samples):.1f} to "
              f"{max(samples):.1f} GB/s ({len(samples)} samples), {report['kernel']}",
-             f"{'format':28} {'variant':7} {'batch':>5} {'tokens/s':>9} {'best':>7} {'bound':>7} {'of bound':>8} "
-             f"{'vs bf16':>8}"]
+             f"{'format':28} {'variant':7} {'batch':>5} {'tokens/s':>9} {'best':>7} {'reads':>6} {'bound':>7} "
+             f"{'of bound':>8} {'vs bf16':>8}"]
     for r in report["results"]:
         best = f"{r['best_tokens_per_s']:7.2f}" if r.get("best_tokens_per_s") else ""
         bound = f"{r['bound_tokens_per_s']:7.2f}" if r["bound_tokens_per_s"] else ""
         share = f"{r['fraction_of_bound']:7.0%}" if r["fraction_of_bound"] else ""
         ratio = f"{r['speedup_over_bf16']:7.2f}x" if r.get("speedup_over_bf16") else ""
+        reads = f"{r['read_gb_per_s']:6.1f}" if r.get("read_gb_per_s") else ""  # GB/s its steps read
         lines.append(f"{r['format']:28} {r['variant']:7} {r['batch']:>5} {r['decode_tokens_per_s']:9.2f} {best:>7} "
-                     f"{bound:>7} {share:>8} {ratio:>8}")
+                     f"{reads:>6} {bound:>7} {share:>8} {ratio:>8}")
     for name, measured in report.get("loading", {}).items():
         peak = measured["peak_above_base_bytes"] / 1e9
         lines.append(f"loading {name}: {measured['seconds']:.1f} s, peak {peak:.2f} GB "
