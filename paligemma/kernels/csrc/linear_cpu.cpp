@@ -52,8 +52,8 @@ struct Threads {
 };
 
 // bf16 [count] -> fp32 [count], exactly (the variants that multiply in fp32 widen x once per call).
-std::vector<float> widened(const uint16_t* x, int64_t count) {
-  std::vector<float> out(count);
+pg::AlignedVector<float> widened(const uint16_t* x, int64_t count) {
+  pg::AlignedVector<float> out(count);
   for (int64_t i = 0; i < count; ++i) out[i] = pg::bf16_to_float(x[i]);
   return out;
 }
@@ -78,7 +78,7 @@ void run_variant(const std::string& variant, int64_t M, const at::Tensor& x, con
   }
   if (variant == "avx2") {
     if (bf16) {
-      const std::vector<float> x32 = widened(xb, M * K);
+      const pg::AlignedVector<float> x32 = widened(xb, M * K);
       return pg::run<pg::Avx2Bf16>(M, x32.data(), wb, y, K, N, threads);
     }
     return pg::run<pg::Avx2Fp32>(M, xf, wf, y, K, N, threads);
@@ -86,7 +86,7 @@ void run_variant(const std::string& variant, int64_t M, const at::Tensor& x, con
 #elif defined(PG_NEON)
   if (variant == "neon") {
     if (bf16) {
-      const std::vector<float> x32 = widened(xb, M * K);
+      const pg::AlignedVector<float> x32 = widened(xb, M * K);
       return pg::run<pg::NeonBf16>(M, x32.data(), wb, y, K, N, threads);
     }
     return pg::run<pg::NeonFp32>(M, xf, wf, y, K, N, threads);
@@ -97,7 +97,7 @@ void run_variant(const std::string& variant, int64_t M, const at::Tensor& x, con
 
 // x [M, K] as fp32 (widened once when bf16), for the kernels that multiply in fp32.
 struct Float32Rows {
-  std::vector<float> copy;
+  pg::AlignedVector<float> copy;
   const float* data;
   Float32Rows(const at::Tensor& x) {
     if (x.scalar_type() == at::kFloat) {
@@ -238,7 +238,7 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::
   TORCH_CHECK(cpu_runs(variant, false), "this CPU cannot run the '", variant, "' kernel variant");
   const int64_t M = x.size(0);
   const Float32Rows rows(x);
-  std::vector<float> group_sums(M * groups, 0.0f);  // X [M, K / G]: each group's sum of x
+  pg::AlignedVector<float> group_sums(M * groups, 0.0f);  // X [M, K / G]: each group's sum of x
   for (int64_t m = 0; m < M; ++m)
     for (int64_t k = 0; k < K; ++k) group_sums[m * groups + k / group_size] += rows.data[m * K + k];
   auto sums = at::zeros({M, N}, x.options().dtype(at::kFloat));
