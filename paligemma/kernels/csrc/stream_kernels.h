@@ -484,8 +484,10 @@ struct Avx512Bf16Int4 {
     const int64_t groups = K / w.group;
     const bool next_block = n0 + 2 * R <= N;  // int4 rows are short (1 KB at K = 2048): fetch the next block's early
     const __m512i low_bits = _mm512_set1_epi16(0xF), magic = _mm512_set1_epi16(0x4300);
-    const __m512i lane_group = _mm512_srli_epi32(
-        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), PerLine == 1 ? 4 : PerLine == 2 ? 3 : 2);
+    // Lane l of the products belongs to group l / (16 / PerLine) of the line (with 2 or 4 groups a line).
+    constexpr int lanes_shift = PerLine == 1 ? 4 : PerLine == 2 ? 3 : 2;
+    const __m512i lane_group =
+        _mm512_srli_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), lanes_shift);
     constexpr int group_shift = PerLine == 1 ? 7 : PerLine == 2 ? 6 : 5;  // the group of position k is k >> shift
     int64_t k = k0;
     for (; k + 128 <= k1; k += 128) {  // chunks start at multiples of 128, so these are whole, arranged lines
