@@ -78,3 +78,32 @@ def test_extension_compiles_for_arm64():
     result = subprocess.run([compiler, "-std=c++17", "-fsyntax-only", *includes, str(EXTENSION)], capture_output=True,
                             text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_kernel_throughput_times_every_kernel_this_cpu_runs():
+    """`python -m paligemma.bench.kernel_throughput`: each kernel the CPU has instructions for, at 1 to 8 rows of x."""
+    import math
+
+    from paligemma.bench.kernel_throughput import format_table, run
+
+    _compiler("g++")
+    report = run(samples=1, calls=1)
+    timed = {(r["variant"], r["format"]) for r in report["results"]}
+    flags = cpu_flags()
+    expected = set()
+    if is_x86_64() and {"avx512f", "avx512bw", "avx512vl"} <= flags:
+        expected |= {("avx512", "fp32"), ("avx512", "int8 (fp32 x)")}
+        if "avx512_bf16" in flags:
+            expected |= {("avx512", name) for name in ("bf16", "int8 (bf16 x)", "int4-g128", "int4-g32")}
+    if is_x86_64() and {"avx2", "fma"} <= flags:
+        expected |= {("avx2", name) for name in ("bf16", "int8", "int4-g128", "int4-g32")}
+    if is_arm64():
+        expected = {("neon", name) for name in ("bf16", "int8", "int4-g128", "int4-g32")}
+    assert timed == expected
+    for variant, name in timed:
+        rows = sorted(r["rows"] for r in report["results"] if (r["variant"], r["format"]) == (variant, name))
+        assert rows == list(range(1, 9))
+    for r in report["results"]:
+        assert math.isfinite(r["weights_per_s"]) and r["weights_per_s"] > 0
+        assert r["multiply_adds_per_s"] == pytest.approx(r["rows"] * r["weights_per_s"], rel=1e-3)
+    assert len(format_table(report).splitlines()) == 2 + len(expected)
