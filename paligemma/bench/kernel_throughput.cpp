@@ -1,8 +1,8 @@
 // How fast each streaming kernel multiplies when the memory is not what limits it: one thread, a weight matrix small
 // enough to stay in that core's L2 cache (128 rows of 2048), x with 1 to 8 rows, each kernel called many times.
 // Decoding streams its weights from memory, so this is not its speed; it is the ceiling its arithmetic sets, which
-// decides whether a format is bound by the memory or by the multiplying (on a shared machine, whose memory speed
-// moves, it is also the one kernel figure that repeats). Built and run by `python -m paligemma.bench.kernel_throughput`.
+// decides whether a format is bound by the memory or by the multiplying (and on a shared machine, whose memory speed
+// moves, it is far steadier). Built and run by `python -m paligemma.bench.kernel_throughput`.
 //
 // Output: one JSON object a line, {"variant", "format", "rows", "weights_per_s", "multiply_adds_per_s"}, the best of
 // `samples` timings of `calls` calls each (arguments 1 and 2).

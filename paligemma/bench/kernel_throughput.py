@@ -7,8 +7,8 @@ weight matrix that stays in the core's L2 cache, 1 to 8 rows of x, every variant
 figure is weights (and multiply-adds) a second, the best of `--samples` timings of `--calls` calls.
 
 Decoding reads its weights from memory, so a format whose ceiling, times the cores, is below the memory's bandwidth
-(in weights a second) is bound by its arithmetic, not by its bytes; on a shared machine whose memory speed moves, this
-is also the one kernel figure that repeats from run to run.
+(in weights a second) is bound by its arithmetic, not by its bytes. On a shared machine whose memory speed moves, these
+figures are far steadier than decoding's, though a neighbour busy on the same cores still lowers them.
 """
 
 from __future__ import annotations
