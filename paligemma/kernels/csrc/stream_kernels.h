@@ -592,6 +592,18 @@ PG_AVX2 inline __m256 widen_bf16(const uint16_t* p) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(half), 16));
 }
 
+// Eight rows of x as two passes of four over the same weight rows, which the first pass leaves in the L1 cache. With
+// AVX2's 16 registers, eight rows hold 8 accumulators for a single weight row and load x for every 8 multiply-adds;
+// four rows take two weight rows a block and load x half as often. Single thread, weights in L2 (kernel_throughput),
+// 8 rows: bf16 3.8 -> 4.5 billion weights a second, int8 3.9 -> 4.1-4.2 (AMD EPYC); int4, whose four rows take one
+// weight row a block too, gains nothing and keeps its single pass.
+template <typename V, int R>
+PG_AVX2 inline void halves_of_eight(const typename V::X* x, typename V::Weights w, float* y, int64_t K, int64_t N,
+                                    int64_t n0, int64_t k0, int64_t k1) {
+  V::template block<4, R>(x, w, y, K, N, n0, k0, k1);
+  V::template block<4, R>(x + 4 * K, w, y + 4 * N, K, N, n0, k0, k1);
+}
+
 // Weights of type W (bf16 widened by shift, or fp32), x fp32; 8 lanes a register, 16 registers in all: for up to
 // four rows of x the x vectors stay in registers, beyond that they are read again from L1 for each weight row.
 template <typename WT>
@@ -600,11 +612,15 @@ struct Avx2 {
   using X = float;
   using Weights = const W*;
   template <int M>
-  static constexpr int rows_per_block() { return M == 1 ? 8 : M == 2 ? 4 : M <= 4 ? 2 : 1; }
+  static constexpr int rows_per_block() { return M == 1 ? 8 : M == 2 ? 4 : M <= 4 || M == 8 ? 2 : 1; }
 
   template <int M, int R>
   PG_AVX2 static void block(const X* x, const W* w, float* y, int64_t K, int64_t N, int64_t n0, int64_t k0,
                             int64_t k1) {
+    if constexpr (M == 8) {  // as two passes of four rows of x (see halves_of_eight)
+      halves_of_eight<Avx2<WT>, R>(x, w, y, K, N, n0, k0, k1);
+      return;
+    }
     const bool next_block = n0 + 2 * R <= N;
     constexpr bool keep_x = M <= 4;
     __m256 acc[M][R];
@@ -654,11 +670,15 @@ struct Avx2Int8 {
   using X = float;
   using Weights = Int8Weights;
   template <int M>
-  static constexpr int rows_per_block() { return M == 1 ? 8 : M == 2 ? 4 : M <= 4 ? 2 : 1; }
+  static constexpr int rows_per_block() { return M == 1 ? 8 : M == 2 ? 4 : M <= 4 || M == 8 ? 2 : 1; }
 
   template <int M, int R>
   PG_AVX2 static void block(const X* x, Weights w, float* y, int64_t K, int64_t N, int64_t n0, int64_t k0,
                             int64_t k1) {
+    if constexpr (M == 8) {  // as two passes of four rows of x (see halves_of_eight)
+      halves_of_eight<Avx2Int8, R>(x, w, y, K, N, n0, k0, k1);
+      return;
+    }
     const bool next_block = n0 + 2 * R <= N;
     __m256 acc[M][R];
     for (int m = 0; m < M; ++m)
