@@ -5,11 +5,14 @@
 // moves, it is far steadier). Built and run by `python -m paligemma.bench.kernel_throughput`.
 //
 // Output: one JSON object a line, {"variant", "format", "rows", "weights_per_s", "multiply_adds_per_s"}, the best of
-// `samples` timings of `calls` calls each (arguments 1 and 2).
+// `samples` rounds (argument 1), each timing `calls` calls (argument 2) of every kernel and number of rows in turn.
 
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <memory>
 #include <random>
 #include <vector>
 
@@ -47,23 +50,21 @@ pg::AlignedVector<X> rows_of_x() {
   return x;
 }
 
+// One kernel, format and number of rows, and the best time of one call seen so far.
+struct Timed {
+  const char* variant;
+  const char* format;
+  int rows;
+  std::function<void()> call;
+  double best = 1e30;
+};
+
 template <typename V>
-void time_kernel(const char* variant, const char* format, typename V::Weights w) {
-  const auto x = rows_of_x<typename V::X>();
-  std::vector<float> y(8 * N);
-  for (int rows = 1; rows <= 8; ++rows) {
-    double best = 1e30;
-    for (int sample = 0; sample < samples; ++sample) {
-      const auto start = std::chrono::steady_clock::now();
-      for (int call = 0; call < calls; ++call) pg::run<V>(rows, x.data(), w, y.data(), K, N, Serial{});
-      const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-      best = std::min(best, seconds / calls);
-    }
-    std::printf("{\"variant\": \"%s\", \"format\": \"%s\", \"rows\": %d, \"weights_per_s\": %.4g, "
-                "\"multiply_adds_per_s\": %.4g}\n",
-                variant, format, rows, K * N / best, rows * K * N / best);
-    std::fflush(stdout);
-  }
+void add_kernel(std::vector<Timed>& timed, const char* variant, const char* format, typename V::Weights w) {
+  auto x = std::make_shared<pg::AlignedVector<typename V::X>>(rows_of_x<typename V::X>());
+  auto y = std::make_shared<std::vector<float>>(8 * N);
+  for (int rows = 1; rows <= 8; ++rows)
+    timed.push_back({variant, format, rows, [=] { pg::run<V>(rows, x->data(), w, y->data(), K, N, Serial{}); }});
 }
 
 }  // namespace
@@ -89,33 +90,48 @@ int main(int argc, char** argv) {
   std::vector<uint16_t> scales(N * (K / 32), 0x3C23), zeros(N * (K / 32), 0x3C23);
   pg::AlignedVector<float> group_sums(8 * (K / 32), 1.0f);
   const pg::Int8Weights int8{codes.data(), row_scales.data()};
+  std::vector<Timed> timed;
   const auto int4 = [&](int group) {
     return pg::Int4Weights<uint16_t>{packed.data(), scales.data(), zeros.data(), group_sums.data(), group};
   };
 #if defined(PG_X86)
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl")) {
-    time_kernel<pg::Avx512Fp32>("avx512", "fp32", fp32.data());
-    time_kernel<pg::Avx512Int8>("avx512", "int8 (fp32 x)", int8);
+    add_kernel<pg::Avx512Fp32>(timed, "avx512", "fp32", fp32.data());
+    add_kernel<pg::Avx512Int8>(timed, "avx512", "int8 (fp32 x)", int8);
     if (__builtin_cpu_supports("avx512bf16")) {
-      time_kernel<pg::Avx512Bf16>("avx512", "bf16", bf16.data());
-      time_kernel<pg::Avx512Bf16Int8>("avx512", "int8 (bf16 x)", int8);
-      time_kernel<pg::Avx512Bf16Int4<uint16_t>>("avx512", "int4-g128", int4(128));
-      time_kernel<pg::Avx512Bf16Int4<uint16_t>>("avx512", "int4-g32", int4(32));
+      add_kernel<pg::Avx512Bf16>(timed, "avx512", "bf16", bf16.data());
+      add_kernel<pg::Avx512Bf16Int8>(timed, "avx512", "int8 (bf16 x)", int8);
+      add_kernel<pg::Avx512Bf16Int4<uint16_t>>(timed, "avx512", "int4-g128", int4(128));
+      add_kernel<pg::Avx512Bf16Int4<uint16_t>>(timed, "avx512", "int4-g32", int4(32));
     }
   }
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
-    time_kernel<pg::Avx2Bf16>("avx2", "bf16", bf16.data());
-    time_kernel<pg::Avx2Int8>("avx2", "int8", int8);
-    time_kernel<pg::Avx2Int4<uint16_t>>("avx2", "int4-g128", int4(128));
-    time_kernel<pg::Avx2Int4<uint16_t>>("avx2", "int4-g32", int4(32));
+    add_kernel<pg::Avx2Bf16>(timed, "avx2", "bf16", bf16.data());
+    add_kernel<pg::Avx2Int8>(timed, "avx2", "int8", int8);
+    add_kernel<pg::Avx2Int4<uint16_t>>(timed, "avx2", "int4-g128", int4(128));
+    add_kernel<pg::Avx2Int4<uint16_t>>(timed, "avx2", "int4-g32", int4(32));
   }
 #endif
 #if defined(PG_NEON)
-  time_kernel<pg::NeonBf16>("neon", "bf16", bf16.data());
-  time_kernel<pg::NeonInt8>("neon", "int8", int8);
-  time_kernel<pg::NeonInt4<uint16_t>>("neon", "int4-g128", int4(128));
-  time_kernel<pg::NeonInt4<uint16_t>>("neon", "int4-g32", int4(32));
+  add_kernel<pg::NeonBf16>(timed, "neon", "bf16", bf16.data());
+  add_kernel<pg::NeonInt8>(timed, "neon", "int8", int8);
+  add_kernel<pg::NeonInt4<uint16_t>>(timed, "neon", "int4-g128", int4(128));
+  add_kernel<pg::NeonInt4<uint16_t>>(timed, "neon", "int4-g32", int4(32));
 #endif
+  // Rounds: every kernel and number of rows once a round, so that a moment when the cores are busy with other work
+  // slows one call of each rather than every call of one; each keeps its best.
+  for (int round = 0; round < samples; ++round) {
+    for (Timed& t : timed) {
+      const auto start = std::chrono::steady_clock::now();
+      for (int call = 0; call < calls; ++call) t.call();
+      const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+      t.best = std::min(t.best, seconds / calls);
+    }
+  }
+  for (const Timed& t : timed)
+    std::printf("{\"variant\": \"%s\", \"format\": \"%s\", \"rows\": %d, \"weights_per_s\": %.4g, "
+                "\"multiply_adds_per_s\": %.4g}\n",
+                t.variant, t.format, t.rows, K * N / t.best, t.rows * K * N / t.best);
   return 0;
 }

@@ -4,7 +4,8 @@
 
 Compiles `kernel_throughput.cpp` (the kernels' header, no PyTorch) with g++ and runs it: one thread, a 128 x 2048
 weight matrix that stays in the core's L2 cache, 1 to 8 rows of x, every variant and format this CPU runs. Each
-figure is weights (and multiply-adds) a second, the best of `--samples` timings of `--calls` calls.
+figure is weights (and multiply-adds) a second, the best of `--samples` rounds; a round times `--calls` calls of every
+kernel and number of rows in turn, so that a busy moment on the cores slows one timing of each, not all of one.
 
 Decoding reads its weights from memory, so a format whose ceiling, times the cores, is below the memory's bandwidth
 (in weights a second) is bound by its arithmetic, not by its bytes. On a shared machine whose memory speed moves, these
@@ -66,7 +67,7 @@ def format_table(report: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m paligemma.bench.kernel_throughput", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--samples", type=int, default=15, help="timings per kernel and rows (the best is kept)")
+    parser.add_argument("--samples", type=int, default=15, help="rounds over every kernel and rows (the best is kept)")
     parser.add_argument("--calls", type=int, default=100, help="calls of the kernel per timing")
     parser.add_argument("--json", help="write the report here")
     args = parser.parse_args(argv)
