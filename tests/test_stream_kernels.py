@@ -4,6 +4,7 @@ the PyTorch extension's source compiled for ARM64 too. CI installs the cross-com
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import subprocess
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from paligemma.bench import kernel_throughput
 from paligemma.kernels.cpu import cpu_flags, is_arm64, is_x86_64
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -82,12 +84,8 @@ def test_extension_compiles_for_arm64():
 
 def test_kernel_throughput_times_every_kernel_this_cpu_runs():
     """`python -m paligemma.bench.kernel_throughput`: each kernel the CPU has instructions for, at 1 to 8 rows of x."""
-    import math
-
-    from paligemma.bench.kernel_throughput import format_table, run
-
     _compiler("g++")
-    report = run(samples=1, calls=1)
+    report = kernel_throughput.run(samples=1, calls=1)
     timed = {(r["variant"], r["format"]) for r in report["results"]}
     flags = cpu_flags()
     expected = set()
@@ -106,4 +104,4 @@ def test_kernel_throughput_times_every_kernel_this_cpu_runs():
     for r in report["results"]:
         assert math.isfinite(r["weights_per_s"]) and r["weights_per_s"] > 0
         assert r["multiply_adds_per_s"] == pytest.approx(r["rows"] * r["weights_per_s"], rel=1e-3)
-    assert len(format_table(report).splitlines()) == 2 + len(expected)
+    assert len(kernel_throughput.format_table(report).splitlines()) == 2 + len(expected)
