@@ -6,6 +6,9 @@ are views of the file mapped into memory (no copy: pages come in from the page c
 takes exactly its weights' size). Tensors to convert (a float32 file loaded in bf16, say) are read a bounded chunk at
 a time, on a few threads, straight into their final tensor, so loading never holds a second copy of the model. The
 model is built on the meta device first (shapes, no memory) and takes the loaded tensors as its parameters.
+
+On a Linux CPU, every tensor of 2 MB or more is read instead into one block of memory that asks for 2 MB pages
+(`paligemma.kernels.huge_pages`), where decoding reads it faster; `huge_pages=False` keeps the mapped views.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from tqdm.auto import tqdm
 
 from ..errors import PaliGemmaError
 from ..kernels import accelerate as accelerate_model
+from ..kernels.huge_pages import HugePageArena, huge_pages_unavailable, place_in_huge_pages, worth_huge_pages
 from ..models.config import PaliGemmaConfig
 from ..models.paligemma import PaliGemmaForConditionalGeneration
 from ..training.lora import merge_lora
@@ -112,14 +116,40 @@ def empty_model(config: PaliGemmaConfig) -> PaliGemmaForConditionalGeneration:
         return PaliGemmaForConditionalGeneration(config)
 
 
+def _use_huge_pages(huge_pages: bool | None, device: torch.device) -> bool:
+    """Whether the weights go into huge pages (`kernels.huge_pages`): by default wherever this system offers them
+    and the model is on the CPU; `huge_pages=True` where they are not offered is an error, `False` never."""
+    if huge_pages is False:
+        return False
+    reason = "the model is not on the CPU" if device.type != "cpu" else huge_pages_unavailable()
+    if reason is not None and huge_pages:
+        raise PaliGemmaError(f"huge_pages=True, but {reason}")
+    return reason is None
+
+
+def _destinations(specs: dict[str, tuple[tuple[int, ...], torch.dtype]], huge_pages: bool) -> dict[str, torch.Tensor]:
+    """An empty tensor in one huge-page arena for each (shape, dtype) of `specs` big enough to be worth it; {} when
+    `huge_pages` is off."""
+    big = {name: spec for name, spec in specs.items() if worth_huge_pages(*spec)}
+    if not huge_pages or not big:
+        return {}
+    arena = HugePageArena.for_tensors(list(big.values()))
+    return {name: arena.take(*spec) for name, spec in big.items()}
+
+
 def _load_weights(
     directory: Path,
     config: PaliGemmaConfig,
     device: torch.device | str,
     dtype: torch.dtype | str | None,
     progress: bool,
+    huge_pages: bool | None = None,
 ) -> PaliGemmaForConditionalGeneration:
-    """A model of `config` on the meta device, then its tensors from the folder's safetensors, several at a time."""
+    """A model of `config` on the meta device, then its tensors from the folder's safetensors, several at a time.
+
+    Without huge pages, a tensor already in `dtype` is a view of the mapped file; with them (`_use_huge_pages`),
+    every large tensor is read into its place in one huge-page arena instead.
+    """
     files = [SafetensorsFile(path) for path in weight_files(directory)]
     device, dtype = parse_device(device), parse_dtype(dtype)
 
@@ -147,8 +177,16 @@ def _load_weights(
     if missing:
         raise PaliGemmaError(f"tensors missing from the checkpoint: {_describe(missing)}")
 
+    stored = {file.dtype(disk_name) for file, disk_name in wanted.values()}
+    if dtype is None and len(stored) > 1:  # a file of mixed precision loaded with dtype='auto': settle on the widest
+        dtype = torch.float32 if torch.float32 in stored else next(iter(stored))
+    destination = _destinations({name: (file.shape(disk_name), dtype or file.dtype(disk_name))
+                                 for name, (file, disk_name) in wanted.items()}, _use_huge_pages(huge_pages, device))
+
     def read(name: str) -> torch.Tensor:
         file, disk_name = wanted[name]
+        if name in destination:
+            return file.read(disk_name, dtype or file.dtype(disk_name), device, out=destination[name])
         return file.tensor(disk_name, dtype, device)
 
     # Largest first, so the threads finish together; conversions run in parallel, mapped views cost nothing.
@@ -165,10 +203,6 @@ def _load_weights(
     if bar is not None:
         bar.close()
     state = {name: state[name] for name in wanted}  # the file's order
-    dtypes = {t.dtype for t in state.values()}
-    if len(dtypes) > 1:  # a file of mixed precision loaded with dtype='auto': settle on the widest
-        widest = torch.float32 if torch.float32 in dtypes else next(iter(dtypes))
-        state = {name: t.to(widest) for name, t in state.items()}
     if tied:
         state[TIED_HEAD] = state["language_model.embed_tokens.weight"]
     model.load_state_dict(state, assign=True, strict=True)
@@ -187,6 +221,7 @@ def _load_quantized(
     dtype: torch.dtype | str | None,
     scheme: str,
     group_size: int,
+    huge_pages: bool | None = None,
 ) -> PaliGemmaForConditionalGeneration:
     """A quantized model, from a folder of quantized weights or from wide ones quantized as they are read.
 
@@ -194,6 +229,7 @@ def _load_quantized(
     tensor is read as it is (codes keep their integer dtype, int8 scales their float32). From wide weights, each
     quantized layer's weight is read a few rows at a time (`QUANTIZE_CHUNK_BYTES`) with plain reads, quantized, and
     dropped, so the wide model never exists in memory: loading takes the quantized model's size plus one chunk.
+    With huge pages (`_use_huge_pages`), every large buffer and tensor is made or read in one huge-page arena.
     """
     from ..quantization.linear import QuantizedLinear
     from ..quantization.model import quantized_structure
@@ -215,6 +251,10 @@ def _load_quantized(
     layers = {name: module for name, module in model.named_modules() if isinstance(module, QuantizedLinear)}
     expected = {name: t for name, t in model.state_dict(keep_vars=True).items()}
     quantized_buffers = {f"{name}.{b}" for name, layer in layers.items() for b, _ in layer.named_buffers()}
+    head_kept_wide = config.text_config.tie_word_embeddings and TIED_HEAD in expected  # int4 can keep it
+    destination = _destinations({name: (tuple(t.shape), t.dtype if name in quantized_buffers else dtype)
+                                 for name, t in expected.items() if not (head_kept_wide and name == TIED_HEAD)},
+                                _use_huge_pages(huge_pages, device))
     state: dict[str, torch.Tensor] = {}
     used = set()
     if not from_file:  # wide weights: quantize each layer's as it is read
@@ -230,6 +270,9 @@ def _load_quantized(
                 raise PaliGemmaError(f"weights of the wrong shape for this config: {disk_name} "
                                      f"{list(file.shape(disk_name))}")
             layer.to_empty(device=device)
+            for buffer_name in layer._buffers:
+                if f"{name}.{buffer_name}" in destination:
+                    layer._buffers[buffer_name] = destination[f"{name}.{buffer_name}"]
             step = max(1, QUANTIZE_CHUNK_BYTES // (layer.in_features * 4))
             for start in range(0, layer.out_features, step):
                 rows = (start, min(layer.out_features, start + step))
@@ -240,7 +283,6 @@ def _load_quantized(
                 state[f"{name}.{buffer_name}"] = buffer
         if tied:
             used.add(TIED_HEAD)
-    head_kept_wide = config.text_config.tie_word_embeddings and TIED_HEAD in expected  # int4 can keep it
     for name, tensor in expected.items():
         if name in state or (head_kept_wide and name == TIED_HEAD):
             continue
@@ -255,7 +297,10 @@ def _load_quantized(
         wanted = tensor.dtype if name in quantized_buffers else dtype
         if not wanted.is_floating_point and file.dtype(disk_name) != wanted:
             raise PaliGemmaError(f"{disk_name} holds {file.dtype(disk_name)} values where codes of {wanted} belong")
-        state[name] = file.tensor(disk_name, wanted, device)
+        if name in destination:
+            state[name] = file.read(disk_name, wanted, device, out=destination[name])
+        else:
+            state[name] = file.tensor(disk_name, wanted, device)
         used.add(name)
     unexpected = [disk_name for name, (_, disk_name) in index.items() if name not in used]
     if unexpected:
@@ -285,12 +330,16 @@ def load_model(
     accelerate: bool | None = None,
     quantization: str | None = None,
     group_size: int = 128,
+    huge_pages: bool | None = None,
 ) -> PaliGemmaForConditionalGeneration:
     """Build the model from a checkpoint folder's config and weights, converting each tensor to `dtype` on `device`.
 
     `accelerate` (default: on a CPU) swaps in `paligemma.kernels`' products; float32 models keep PyTorch's own
     unless `fast_paths(fp32=True)` says otherwise, so their numerics stay those of the reference. `quantization`
     ("int8", or "int4" in groups of `group_size`) quantizes the linear layers as the weights are read.
+    `huge_pages` (default: on a CPU where Linux offers them) reads every weight of 2 MB or more into memory of
+    2 MB pages (`paligemma.kernels.huge_pages`), rather than mapping the file: loading then reads the whole file,
+    and decoding reads the weights faster.
     """
     directory = resolve_checkpoint(name_or_path)
     config = read_config(directory / CONFIG_FILE)
@@ -302,8 +351,9 @@ def load_model(
     if stored is not None or quantization is not None:
         scheme = stored["scheme"] if stored is not None else quantization
         group = (stored["group_size"] if stored is not None else group_size) or 128
-        return _accelerated(_load_quantized(directory, config, device, dtype, scheme, group), accelerate)
-    return _accelerated(_load_weights(directory, config, device, dtype, progress), accelerate)
+        return _accelerated(_load_quantized(directory, config, device, dtype, scheme, group, huge_pages),
+                            accelerate)
+    return _accelerated(_load_weights(directory, config, device, dtype, progress, huge_pages), accelerate)
 
 
 def load_pretrained(
@@ -316,12 +366,13 @@ def load_pretrained(
     merge: bool = False,
     quantization: str | None = None,
     group_size: int = 128,
+    huge_pages: bool | None = None,
 ) -> tuple[PaliGemmaForConditionalGeneration, PaliGemmaProcessor]:
     """The model and its processor from a checkpoint folder (or the name of a model shipped with the package).
 
     `adapter`: a LoRA folder in peft's format (`load_adapter`), added frozen and unmerged; `merge` folds it in.
     `quantization`: "int8" or "int4" (in groups of `group_size`) quantizes the linear layers after loading
-    (`paligemma.quantization.quantize`); an adapter must then be merged first.
+    (`paligemma.quantization.quantize`); an adapter must then be merged first. `huge_pages`: as `load_model`.
     """
     if merge and adapter is None:
         raise PaliGemmaError("merge=True needs an adapter folder to merge")
@@ -334,9 +385,9 @@ def load_pretrained(
     if stored is not None and adapter is not None:
         raise PaliGemmaError(f"{directory} holds quantized weights: merge the adapter into the wide model first")
     if stored is not None or (quantization is not None and adapter is None):
-        model = load_model(directory, device, dtype, progress, accelerate, quantization, group_size)
+        model = load_model(directory, device, dtype, progress, accelerate, quantization, group_size, huge_pages)
         return model, processor
-    model = _accelerated(_load_weights(directory, config, device, dtype, progress), accelerate)
+    model = _accelerated(_load_weights(directory, config, device, dtype, progress, huge_pages), accelerate)
     if adapter is not None:
         load_adapter(model, adapter)
         if merge:
@@ -345,6 +396,8 @@ def load_pretrained(
         from ..quantization import quantize
 
         quantize(model, quantization, group_size)
+        if _use_huge_pages(huge_pages, parse_device(device)):
+            place_in_huge_pages(model)  # the new codes; the weights read into huge pages stay where they are
     return model, processor
 
 

@@ -78,10 +78,13 @@ class SafetensorsFile:
             return None
         return self.bytes[begin:end].view(dtype).view(self.shape(name))
 
-    def read(self, name: str, dtype: torch.dtype, device: torch.device, rows: tuple[int, int] | None = None
-             ) -> torch.Tensor:
+    def read(self, name: str, dtype: torch.dtype, device: torch.device, rows: tuple[int, int] | None = None,
+             out: torch.Tensor | None = None) -> torch.Tensor:
         """The tensor (or its rows [start, stop) along the first dimension) converted to `dtype` on `device`, read
-        `CONVERT_CHUNK_BYTES` at a time with plain reads: nothing of the file is mapped into this process."""
+        `CONVERT_CHUNK_BYTES` at a time with plain reads: nothing of the file is mapped into this process.
+
+        `out`: a contiguous CPU tensor of the right shape and dtype to read into, rather than a new one (a tensor
+        of the stored dtype is then read straight into it, with no copy in between)."""
         stored = self.dtype(name)
         item = _itemsize(stored)
         shape = list(self.shape(name))
@@ -93,21 +96,30 @@ class SafetensorsFile:
             row_elements = math.prod(shape[1:])
             begin += start * row_elements * item
             shape[0] = stop - start
-        out = torch.empty(shape, dtype=dtype, device=device)
+        if out is None:
+            out = torch.empty(shape, dtype=dtype, device=device)
+        elif (tuple(out.shape) != tuple(shape) or out.dtype != dtype or out.device.type != "cpu"
+              or not out.is_contiguous()):
+            raise PaliGemmaError(f"cannot read tensor {name} ({shape}, {dtype}) into a tensor of "
+                                 f"{list(out.shape)}, {out.dtype} on {out.device}")
         flat = out.view(-1)
         per_chunk = max(1, CONVERT_CHUNK_BYTES // item)
-        scratch = torch.empty(min(per_chunk, max(1, flat.numel())) * item, dtype=torch.uint8)
-        buffer = memoryview(scratch.numpy())
+        direct = dtype == stored and out.device.type == "cpu"  # the file's bytes are the tensor's: read in place
+        scratch = flat.view(torch.uint8) if direct else torch.empty(min(per_chunk, max(1, flat.numel())) * item,
+                                                                    dtype=torch.uint8)
+        buffer = memoryview(scratch.numpy()) if scratch.numel() else memoryview(b"")
         with open(self.path, "rb", buffering=0) as handle:
             for first in range(0, flat.numel(), per_chunk):
                 count = min(per_chunk, flat.numel() - first)
+                at = first * item if direct else 0  # where this chunk's bytes go in `buffer`
                 wanted, done = count * item, 0
                 while done < wanted:
-                    got = os.preadv(handle.fileno(), [buffer[done:wanted]], begin + first * item + done)
+                    got = os.preadv(handle.fileno(), [buffer[at + done:at + wanted]], begin + first * item + done)
                     if got <= 0:
                         raise PaliGemmaError(f"cannot read tensor {name} from {self.path}: the file ends early")
                     done += got
-                flat[first:first + count].copy_(scratch[:wanted].view(stored))
+                if not direct:
+                    flat[first:first + count].copy_(scratch[:wanted].view(stored))
         return out
 
     def tensor(self, name: str, dtype: torch.dtype | None = None, device: torch.device | str = "cpu") -> torch.Tensor:

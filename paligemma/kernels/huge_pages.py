@@ -1,0 +1,159 @@
+"""Weights in 2 MB pages, so that reading them does not wait on the page tables.
+
+Decoding reads every weight once a step, gigabytes in a stream. With the usual 4 KB pages, that stream crosses a page
+every 4 KB, and each page's address translation must be looked up (the TLB holds a few thousand). Linux can back
+memory with 2 MB pages instead (transparent huge pages); by default (`/sys/kernel/mm/transparent_hugepage/enabled`
+set to `madvise`) only where a program asks, with `madvise(MADV_HUGEPAGE)`. A mapped checkpoint file and PyTorch's
+allocations never ask.
+
+`HugePageArena` is one anonymous mapping that asks, cut into tensors; the loaders put every weight of at least
+`MIN_BYTES` in one (`load_model(..., huge_pages=...)`), and `place_in_huge_pages(model)` moves the weights of a model
+built another way. Measured on 660 MB of 3B-shaped bf16 matrices and the streaming kernel (AMD EPYC with AVX-512,
+2 cores, 5 alternating rounds), one row of x took 13.2-20.0 ms from 2 MB pages against 15.2-22.4 ms from 4 KB
+pages, and eight rows 21.9-24.1 ms against 25.9-29.3.
+
+Each tensor cut from the arena has a storage of its own (its own bytes, as `torch.save` sees them); the mapping is
+unmapped when the last of them is freed.
+"""
+
+from __future__ import annotations
+
+import math
+import mmap
+import weakref
+from pathlib import Path
+
+import torch
+from torch import nn
+
+HUGE_PAGE = 2 << 20
+MIN_BYTES = HUGE_PAGE  # smaller tensors stay where they are: they would fill a fraction of one page
+ALIGN = 64  # every tensor starts on a cache line
+THP_SETTING = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+
+
+def huge_pages_unavailable() -> str | None:
+    """Why weights cannot be put in huge pages here, or None where they can (Linux with transparent huge pages
+    set to `always` or `madvise`)."""
+    if not hasattr(mmap, "MADV_HUGEPAGE"):
+        return "this system has no transparent huge pages (madvise(MADV_HUGEPAGE) is Linux's)"
+    try:
+        setting = THP_SETTING.read_text()
+    except OSError:
+        return f"{THP_SETTING} cannot be read: this kernel has no transparent huge pages"
+    if "[never]" in setting:
+        return f"transparent huge pages are switched off ({THP_SETTING} says never)"
+    return None
+
+
+def _aligned(nbytes: int, to: int = ALIGN) -> int:
+    return -(-nbytes // to) * to
+
+
+def tensor_bytes(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> int:
+    return math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+
+
+class HugePageArena:
+    """`capacity` bytes of anonymous memory advised for huge pages, handed out as tensors by `take`, in order.
+
+    The mapping starts on a 2 MB boundary, so that every whole 2 MB of it can be one page. Memory is taken from the
+    system only as it is written, so an arena sized for a model costs nothing until the weights arrive.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        reason = huge_pages_unavailable()
+        if reason is not None:
+            raise OSError(reason)
+        self.capacity = capacity
+        self.map = mmap.mmap(-1, capacity + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        self.map.madvise(mmap.MADV_HUGEPAGE)
+        address = torch.frombuffer(self.map, dtype=torch.uint8, count=1).data_ptr()
+        self.start = -address % HUGE_PAGE  # the first 2 MB boundary in the mapping
+        _LIVE_MAPPINGS.append((weakref.ref(self.map), address, address + capacity + HUGE_PAGE))
+        self.used = 0
+
+    @classmethod
+    def for_tensors(cls, specs: list[tuple[tuple[int, ...] | torch.Size, torch.dtype]]) -> HugePageArena:
+        """An arena just large enough for tensors of these (shape, dtype), taken in any order."""
+        return cls(sum(_aligned(tensor_bytes(shape, dtype)) for shape, dtype in specs))
+
+    def take(self, shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> torch.Tensor:
+        """An uninitialised tensor of this shape and dtype from the next free bytes; a storage of its own."""
+        nbytes = tensor_bytes(shape, dtype)
+        if self.used + nbytes > self.capacity:
+            raise MemoryError(f"the huge-page arena has {self.capacity - self.used} bytes left, not {nbytes}")
+        count = nbytes // torch.empty((), dtype=dtype).element_size()
+        flat = torch.frombuffer(self.map, dtype=dtype, count=count, offset=self.start + self.used)
+        self.used += _aligned(nbytes)
+        return flat.view(shape)
+
+
+def huge_page_bytes(tensor: torch.Tensor) -> int:
+    """How many bytes of the mapping that holds `tensor` are in huge pages now (`AnonHugePages` in
+    /proc/self/smaps); 0 where that file is missing (not Linux)."""
+    address = tensor.untyped_storage().data_ptr()
+    try:
+        text = Path("/proc/self/smaps").read_text()
+    except OSError:
+        return 0
+    inside = False
+    for line in text.splitlines():
+        first = line.split(" ", 1)[0]
+        if "-" in first and ":" not in first:  # a mapping's header: "low-high perms offset ..."
+            low, high = (int(part, 16) for part in first.split("-"))
+            inside = low <= address < high
+        elif inside and line.startswith("AnonHugePages:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def worth_huge_pages(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, min_bytes: int | None = None) -> bool:
+    """Whether a tensor of this shape and dtype is worth a place in huge pages: `min_bytes` (`MIN_BYTES`) or more."""
+    return tensor_bytes(shape, dtype) >= (MIN_BYTES if min_bytes is None else min_bytes)
+
+
+def place_in_huge_pages(model: nn.Module, min_bytes: int | None = None) -> int:
+    """Move every CPU parameter and buffer of `min_bytes` (`MIN_BYTES`) or more into one arena of huge pages, in place; returns
+    the bytes moved (0 where huge pages are unavailable: see `huge_pages_unavailable`).
+
+    Parameters keep their identity (their `.data` changes), so tied weights stay tied and an optimizer's references
+    stay valid; a tensor held under two names is moved once. Weights are copied one at a time, and each old one is
+    freed as soon as nothing else holds it, so the move needs one tensor's memory beyond the model's.
+    """
+    if huge_pages_unavailable() is not None:
+        return 0
+    slots: dict[int, list[tuple[nn.Module, str]]] = {}  # id of the tensor -> every (module, name) that holds it
+    tensors: dict[int, torch.Tensor] = {}
+    for module in model.modules():
+        for kind in (module._parameters, module._buffers):
+            for name, tensor in kind.items():
+                if (tensor is not None and tensor.device.type == "cpu"
+                        and worth_huge_pages(tensor.shape, tensor.dtype, min_bytes) and not _in_an_arena(tensor)):
+                    slots.setdefault(id(tensor), []).append((module, name))
+                    tensors[id(tensor)] = tensor
+    if not tensors:
+        return 0
+    arena = HugePageArena.for_tensors([(t.shape, t.dtype) for t in tensors.values()])
+    moved = 0
+    for key, old in list(tensors.items()):
+        new = arena.take(old.shape, old.dtype)
+        new.copy_(old)
+        if isinstance(old, nn.Parameter):
+            old.data = new  # every holder has this very Parameter
+        else:
+            for module, name in slots[key]:
+                module._buffers[name] = new
+        moved += new.numel() * new.element_size()
+        del tensors[key], old
+    return moved
+
+
+def _in_an_arena(tensor: torch.Tensor) -> bool:
+    """Whether the tensor's memory lies in a live `HugePageArena`'s mapping already."""
+    address = tensor.untyped_storage().data_ptr()
+    _LIVE_MAPPINGS[:] = [entry for entry in _LIVE_MAPPINGS if entry[0]() is not None]
+    return any(low <= address < high for _, low, high in _LIVE_MAPPINGS)
+
+
+_LIVE_MAPPINGS: list[tuple[weakref.ref, int, int]] = []  # every arena's mapping while it lives, with its addresses
