@@ -30,7 +30,7 @@ def small_threshold(monkeypatch):
 
 
 def in_arena(tensor: torch.Tensor) -> bool:
-    return huge_pages._in_an_arena(tensor)
+    return huge_pages.in_an_arena(tensor)
 
 
 @needs_huge_pages
@@ -141,3 +141,25 @@ def test_read_into_a_tensor(tmp_path):
         file.read(name, torch.float32, torch.device("cpu"), out=torch.empty(2, 2))
     with pytest.raises(PaliGemmaError, match="cannot read tensor .* into a tensor of"):
         file.read(name, torch.float32, torch.device("cpu"), out=torch.empty(view.shape[1], view.shape[0]).t())
+
+
+@needs_huge_pages
+def test_page_sizes_benchmark_compares_the_two_copies_cycle_by_cycle(small_threshold):
+    from paligemma.bench.page_sizes import format_table, run
+
+    report = run("tiny", formats=("bf16", "int8"), batches=(1,), new_tokens=3, cycles=3, decode_cache="static",
+                 log=lambda message: None)
+    assert [(r["format"], r["batch"]) for r in report["results"]] == [("bf16", 1), ("int8", 1)]
+    for r in report["results"]:
+        small, huge = r["samples"]["4 KB pages"], r["samples"]["2 MB pages"]
+        assert len(small) == len(huge) == 3 and min(small + huge) > 0
+        assert r["speedup"] == pytest.approx(sorted(h / s for h, s in zip(huge, small))[1], 1e-3)
+        assert r["faster_cycles"] == sum(h > s for h, s in zip(huge, small))
+    models = report["models"]
+    assert set(models) == {f"{f}, {p}" for f in ("bf16", "int8") for p in ("4 KB pages", "2 MB pages")}
+    assert all(m["huge_page_bytes"] == 0 for name, m in models.items() if "4 KB" in name)
+    assert models["int8, 4 KB pages"]["bytes"] == models["int8, 2 MB pages"]["bytes"] < \
+        models["bf16, 2 MB pages"]["bytes"] == models["bf16, 4 KB pages"]["bytes"]
+    assert len(report["run_bandwidths"]["1"]) == 1 + 3 * 4
+    table = format_table(report)
+    assert "bf16" in table and "in huge pages" in table

@@ -129,7 +129,7 @@ def place_in_huge_pages(model: nn.Module, min_bytes: int | None = None) -> int:
         for kind in (module._parameters, module._buffers):
             for name, tensor in kind.items():
                 if (tensor is not None and tensor.device.type == "cpu"
-                        and worth_huge_pages(tensor.shape, tensor.dtype, min_bytes) and not _in_an_arena(tensor)):
+                        and worth_huge_pages(tensor.shape, tensor.dtype, min_bytes) and not in_an_arena(tensor)):
                     slots.setdefault(id(tensor), []).append((module, name))
                     tensors[id(tensor)] = tensor
     if not tensors:
@@ -149,11 +149,16 @@ def place_in_huge_pages(model: nn.Module, min_bytes: int | None = None) -> int:
     return moved
 
 
-def _in_an_arena(tensor: torch.Tensor) -> bool:
-    """Whether the tensor's memory lies in a live `HugePageArena`'s mapping already."""
+def mapping_of(tensor: torch.Tensor) -> int | None:
+    """The first address of the live `HugePageArena` mapping that holds the tensor's memory, or None."""
     address = tensor.untyped_storage().data_ptr()
     _LIVE_MAPPINGS[:] = [entry for entry in _LIVE_MAPPINGS if entry[0]() is not None]
-    return any(low <= address < high for _, low, high in _LIVE_MAPPINGS)
+    return next((low for _, low, high in _LIVE_MAPPINGS if low <= address < high), None)
+
+
+def in_an_arena(tensor: torch.Tensor) -> bool:
+    """Whether the tensor's memory lies in a live `HugePageArena`'s mapping already."""
+    return mapping_of(tensor) is not None
 
 
 _LIVE_MAPPINGS: list[tuple[weakref.ref, int, int]] = []  # every arena's mapping while it lives, with its addresses
