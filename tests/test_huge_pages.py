@@ -72,7 +72,7 @@ def test_place_in_huge_pages_keeps_parameters_ties_and_answers(small_threshold):
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_loading_into_huge_pages_reads_the_same_weights(dtype, small_threshold):
     mapped, processor = load_pretrained(TINY, dtype=dtype, huge_pages=False)
-    paged, _ = load_pretrained(TINY, dtype=dtype)  # the default where huge pages exist
+    paged, _ = load_pretrained(TINY, dtype=dtype, huge_pages=True)
     expected = mapped.state_dict()
     assert paged.state_dict().keys() == expected.keys()
     assert all(torch.equal(paged.state_dict()[name], t) and paged.state_dict()[name].dtype == t.dtype
@@ -82,6 +82,10 @@ def test_loading_into_huge_pages_reads_the_same_weights(dtype, small_threshold):
     assert not any(in_arena(t) for t in mapped.state_dict().values())
     assert paged.language_model.lm_head.weight is paged.language_model.embed_tokens.weight
     assert generate(paged, processor, [IMAGE], ["caption en"]) == generate(mapped, processor, [IMAGE], ["caption en"])
+    default, _ = load_pretrained(TINY, dtype=dtype)  # the file holds float32: bf16 is made, float32 mapped
+    made = [t for t in default.state_dict().values() if t.numel() * t.element_size() >= 64 << 10]
+    assert made and all(in_arena(t) == (dtype == "bf16") for t in made)
+    assert all(torch.equal(default.state_dict()[name], t) for name, t in expected.items())
 
 
 @needs_huge_pages
@@ -95,12 +99,18 @@ def test_quantized_loading_into_huge_pages(scheme, group_size, small_threshold, 
     plain.save_pretrained(tmp_path)
     shutil.copy(TINY / "tokenizer.model", tmp_path)
     codes = "codes" if scheme == "int8" else "packed"
-    for source in (TINY, tmp_path):
-        paged, _ = load_pretrained(source, dtype="bf16", quantization=scheme, group_size=group_size)
+    for source, huge in ((TINY, None), (TINY, True), (tmp_path, None), (tmp_path, True)):
+        paged, _ = load_pretrained(source, dtype="bf16", quantization=scheme, group_size=group_size,
+                                   huge_pages=huge)
         state = paged.state_dict()
         assert all(torch.equal(state[name], t) and state[name].dtype == t.dtype for name, t in expected.items())
         big = {name: t for name, t in state.items() if t.numel() * t.element_size() >= 64 << 10}
-        assert any(name.endswith(codes) for name in big) and all(in_arena(t) for t in big.values())
+        assert any(name.endswith(codes) for name in big)
+        # by default what loading makes goes into huge pages (the codes from wide weights), what it maps stays
+        # mapped (a saved quantized folder's codes, stored as they are wanted); with huge_pages=True everything
+        made = huge or source == TINY
+        assert all(in_arena(t) == made for name, t in big.items() if name.endswith(codes))
+        assert not huge or all(in_arena(t) for t in big.values())
         assert generate(paged, processor, [IMAGE], ["caption en"]) == \
             generate(plain, processor, [IMAGE], ["caption en"])
     wide, _ = load_pretrained(TINY, dtype="bf16")

@@ -7,8 +7,10 @@ takes exactly its weights' size). Tensors to convert (a float32 file loaded in b
 a time, on a few threads, straight into their final tensor, so loading never holds a second copy of the model. The
 model is built on the meta device first (shapes, no memory) and takes the loaded tensors as its parameters.
 
-On a Linux CPU, every tensor of 2 MB or more is read instead into one block of memory that asks for 2 MB pages
-(`paligemma.kernels.huge_pages`), where decoding reads it faster; `huge_pages=False` keeps the mapped views.
+On a Linux CPU, every tensor of 2 MB or more that loading makes rather than maps (quantized codes, a converted
+dtype) is made in one block of memory that asks for 2 MB pages (`paligemma.kernels.huge_pages`): it costs nothing
+there, and int8 decoding read its codes a few per cent faster from it. Mapped tensors stay mapped, unless
+`huge_pages=True`: for bf16 weights, copying them cost seconds of loading and measured no faster decoding.
 """
 
 from __future__ import annotations
@@ -117,8 +119,8 @@ def empty_model(config: PaliGemmaConfig) -> PaliGemmaForConditionalGeneration:
 
 
 def _use_huge_pages(huge_pages: bool | None, device: torch.device) -> bool:
-    """Whether the weights go into huge pages (`kernels.huge_pages`): by default wherever this system offers them
-    and the model is on the CPU; `huge_pages=True` where they are not offered is an error, `False` never."""
+    """Whether weights may go into huge pages (`kernels.huge_pages`): wherever this system offers them and the
+    model is on the CPU, unless `huge_pages=False`; `huge_pages=True` where they are not offered is an error."""
     if huge_pages is False:
         return False
     reason = "the model is not on the CPU" if device.type != "cpu" else huge_pages_unavailable()
@@ -147,8 +149,8 @@ def _load_weights(
 ) -> PaliGemmaForConditionalGeneration:
     """A model of `config` on the meta device, then its tensors from the folder's safetensors, several at a time.
 
-    Without huge pages, a tensor already in `dtype` is a view of the mapped file; with them (`_use_huge_pages`),
-    every large tensor is read into its place in one huge-page arena instead.
+    A tensor already in `dtype` is a view of the mapped file, unless `huge_pages=True`; every large tensor that is
+    read rather than mapped goes into one huge-page arena where `_use_huge_pages` allows.
     """
     files = [SafetensorsFile(path) for path in weight_files(directory)]
     device, dtype = parse_device(device), parse_dtype(dtype)
@@ -181,7 +183,9 @@ def _load_weights(
     if dtype is None and len(stored) > 1:  # a file of mixed precision loaded with dtype='auto': settle on the widest
         dtype = torch.float32 if torch.float32 in stored else next(iter(stored))
     destination = _destinations({name: (file.shape(disk_name), dtype or file.dtype(disk_name))
-                                 for name, (file, disk_name) in wanted.items()}, _use_huge_pages(huge_pages, device))
+                                 for name, (file, disk_name) in wanted.items()
+                                 if huge_pages or not file.mappable(disk_name, dtype, device)},
+                                _use_huge_pages(huge_pages, device))
 
     def read(name: str) -> torch.Tensor:
         file, disk_name = wanted[name]
@@ -229,7 +233,8 @@ def _load_quantized(
     tensor is read as it is (codes keep their integer dtype, int8 scales their float32). From wide weights, each
     quantized layer's weight is read a few rows at a time (`QUANTIZE_CHUNK_BYTES`) with plain reads, quantized, and
     dropped, so the wide model never exists in memory: loading takes the quantized model's size plus one chunk.
-    With huge pages (`_use_huge_pages`), every large buffer and tensor is made or read in one huge-page arena.
+    Where `_use_huge_pages` allows, every large buffer made here, and every large tensor read rather than mapped
+    (all of them with `huge_pages=True`), is put in one huge-page arena.
     """
     from ..quantization.linear import QuantizedLinear
     from ..quantization.model import quantized_structure
@@ -252,9 +257,16 @@ def _load_quantized(
     expected = {name: t for name, t in model.state_dict(keep_vars=True).items()}
     quantized_buffers = {f"{name}.{b}" for name, layer in layers.items() for b, _ in layer.named_buffers()}
     head_kept_wide = config.text_config.tie_word_embeddings and TIED_HEAD in expected  # int4 can keep it
+    def made_here(name: str) -> bool:  # the quantized buffers of wide weights, or a tensor read with a conversion
+        if name in quantized_buffers and not from_file:
+            return True
+        file, disk_name = index.get(name, (None, None))
+        wanted = expected[name].dtype if name in quantized_buffers else dtype
+        return file is not None and not file.mappable(disk_name, wanted, device)
+
     destination = _destinations({name: (tuple(t.shape), t.dtype if name in quantized_buffers else dtype)
-                                 for name, t in expected.items() if not (head_kept_wide and name == TIED_HEAD)},
-                                _use_huge_pages(huge_pages, device))
+                                 for name, t in expected.items() if not (head_kept_wide and name == TIED_HEAD)
+                                 and (huge_pages or made_here(name))}, _use_huge_pages(huge_pages, device))
     state: dict[str, torch.Tensor] = {}
     used = set()
     if not from_file:  # wide weights: quantize each layer's as it is read
@@ -337,9 +349,9 @@ def load_model(
     `accelerate` (default: on a CPU) swaps in `paligemma.kernels`' products; float32 models keep PyTorch's own
     unless `fast_paths(fp32=True)` says otherwise, so their numerics stay those of the reference. `quantization`
     ("int8", or "int4" in groups of `group_size`) quantizes the linear layers as the weights are read.
-    `huge_pages` (default: on a CPU where Linux offers them) reads every weight of 2 MB or more into memory of
-    2 MB pages (`paligemma.kernels.huge_pages`), rather than mapping the file: loading then reads the whole file,
-    and decoding reads the weights faster.
+    `huge_pages`: where Linux offers them, on a CPU, every weight of 2 MB or more that loading makes (quantized
+    codes, a converted dtype) goes into memory of 2 MB pages (`paligemma.kernels.huge_pages`), and those already in
+    the wanted dtype stay views of the mapped file; `True` reads those into huge pages too, `False` none.
     """
     directory = resolve_checkpoint(name_or_path)
     config = read_config(directory / CONFIG_FILE)

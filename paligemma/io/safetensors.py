@@ -122,15 +122,18 @@ class SafetensorsFile:
                     flat[first:first + count].copy_(scratch[:wanted].view(stored))
         return out
 
+    def mappable(self, name: str, dtype: torch.dtype | None = None, device: torch.device | str = "cpu") -> bool:
+        """Whether `tensor(name, dtype, device)` is a view of the mapped file (no copy): on the CPU, in the stored
+        dtype, with its bytes aligned for it."""
+        begin = self.data_start + self.entries[name]["data_offsets"][0]
+        stored = self.dtype(name)
+        return torch.device(device).type == "cpu" and (dtype or stored) == stored and begin % _itemsize(stored) == 0
+
     def tensor(self, name: str, dtype: torch.dtype | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
         """Mapped without a copy when it is already what is wanted (on the CPU); else read and converted."""
-        device = torch.device(device)
-        dtype = dtype or self.dtype(name)
-        if dtype == self.dtype(name) and device.type == "cpu":
-            view = self.view(name)
-            if view is not None:
-                return view
-        return self.read(name, dtype, device)
+        if self.mappable(name, dtype, device):
+            return self.view(name)
+        return self.read(name, dtype or self.dtype(name), torch.device(device))
 
 
 def write_safetensors(

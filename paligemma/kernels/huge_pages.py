@@ -6,11 +6,18 @@ memory with 2 MB pages instead (transparent huge pages); by default (`/sys/kerne
 set to `madvise`) only where a program asks, with `madvise(MADV_HUGEPAGE)`. A mapped checkpoint file and PyTorch's
 allocations never ask.
 
-`HugePageArena` is one anonymous mapping that asks, cut into tensors; the loaders put every weight of at least
-`MIN_BYTES` in one (`load_model(..., huge_pages=...)`), and `place_in_huge_pages(model)` moves the weights of a model
-built another way. Measured on 660 MB of 3B-shaped bf16 matrices and the streaming kernel (AMD EPYC with AVX-512,
-2 cores, 5 alternating rounds), one row of x took 13.2-20.0 ms from 2 MB pages against 15.2-22.4 ms from 4 KB
-pages, and eight rows 21.9-24.1 ms against 25.9-29.3.
+`HugePageArena` is one anonymous mapping that asks, cut into tensors. The loaders make every tensor of at least
+`MIN_BYTES` they allocate in one (quantized codes, converted weights; `load_model(..., huge_pages=True)` copies the
+mapped ones too), and `place_in_huge_pages(model)` moves the weights of a model built another way.
+
+What it buys was measured twice on an AMD EPYC with AVX-512 and 2 cores, whose memory is shared with other work:
+- the streaming kernel over 660 MB of 3B-shaped bf16 matrices, 5 alternating rounds: one row of x took 13.2-20.0 ms
+  from 2 MB pages against 15.2-22.4 ms from 4 KB pages, eight rows 21.9-24.1 ms against 25.9-29.3;
+- whole compiled 3B decoding steps (`python -m paligemma.bench.page_sizes`, `book/data/page_sizes_cpu.json`), each
+  copy in turn within 5 cycles: int8 codes 1.04x as fast at batch 1 (faster in 4 cycles of 5) and 1.09x at batch 8
+  (5 of 5); bf16 weights 1.02x at batch 1 (3 of 5) and 0.94x at batch 8 (0 of 5) against the mapped file, which took
+  8 s longer to load into huge pages. Hence the loaders' default: huge pages for what they allocate anyway, the file
+  mapped for the rest.
 
 Each tensor cut from the arena has a storage of its own (its own bytes, as `torch.save` sees them); the mapping is
 unmapped when the last of them is freed.
