@@ -373,6 +373,42 @@ struct Avx512Bf16Int8 {
   }
 };
 
+// Sixteen scales or zeros as fp32: bf16 bits widened by a shift, or fp32 loaded as they are; the masked forms read
+// only the lanes of `mask` (the rest are zero).
+PG_AVX512 inline __m512 sixteen_floats(const uint16_t* p) {
+  const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+}
+PG_AVX512 inline __m512 sixteen_floats(const float* p) { return _mm512_loadu_ps(p); }
+PG_AVX512 inline __m512 sixteen_floats(const uint16_t* p, __mmask16 mask) {
+  const __m256i bits = _mm256_maskz_loadu_epi16(mask, p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+}
+PG_AVX512 inline __m512 sixteen_floats(const float* p, __mmask16 mask) { return _mm512_maskz_loadu_ps(mask, p); }
+
+// `add_int4_constants` sixteen groups a register. Done a group at a time, the constant terms cost about as much as the
+// codes with groups of 32 (see `add_int4_constants_avx2`).
+template <int M, int R, typename S>
+PG_AVX512 inline void add_int4_constants_avx512(const Int4Weights<S>& w, int64_t groups, int64_t n0, int64_t k0,
+                                                int64_t k1, float centre, float (&constant)[M][R]) {
+  const int64_t first = k0 / w.group, last = k1 / w.group;
+  for (int r = 0; r < R; ++r) {
+    const int64_t row = (n0 + r) * groups;
+    for (int m = 0; m < M; ++m) {
+      __m512 sum = _mm512_setzero_ps();
+      int64_t g = first;
+      for (; g + 16 <= last; g += 16) {
+        const __m512 offset = _mm512_fnmadd_ps(_mm512_set1_ps(centre), sixteen_floats(w.scale + row + g),
+                                               sixteen_floats(w.zero + row + g));  // zero - centre * scale
+        sum = _mm512_fmadd_ps(offset, _mm512_loadu_ps(w.group_sums + m * groups + g), sum);
+      }
+      float rest = _mm512_reduce_add_ps(sum);
+      for (; g < last; ++g) rest += int4_offset(w, n0 + r, groups, g, centre) * w.group_sums[m * groups + g];
+      constant[m][r] += rest;
+    }
+  }
+}
+
 // int4 weights, x fp32: 32 codes a 16-byte load, unpacked into two registers of 16 consecutive inputs.
 template <typename S>
 struct Avx512Int4 {
@@ -417,24 +453,12 @@ struct Avx512Int4 {
         for (int m = 0; m < M; ++m) acc[m][r] = _mm512_fmadd_ps(in_group[m][r], scale, acc[m][r]);
       }
     }
-    add_int4_constants(w, groups, n0, k0, k1, 8.0f, constant);
+    add_int4_constants_avx512(w, groups, n0, k0, k1, 8.0f, constant);
     for (int m = 0; m < M; ++m)
       for (int r = 0; r < R; ++r) y[m * N + n0 + r] += _mm512_reduce_add_ps(acc[m][r]) + constant[m][r];
   }
 };
 
-// Sixteen scales or zeros as fp32: bf16 bits widened by a shift, or fp32 loaded as they are; the masked forms read
-// only the lanes of `mask` (the rest are zero).
-PG_AVX512 inline __m512 sixteen_floats(const uint16_t* p) {
-  const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
-}
-PG_AVX512 inline __m512 sixteen_floats(const float* p) { return _mm512_loadu_ps(p); }
-PG_AVX512 inline __m512 sixteen_floats(const uint16_t* p, __mmask16 mask) {
-  const __m256i bits = _mm256_maskz_loadu_epi16(mask, p);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
-}
-PG_AVX512 inline __m512 sixteen_floats(const float* p, __mmask16 mask) { return _mm512_maskz_loadu_ps(mask, p); }
 
 // int4 weights, bf16 x, with AVX-512's bf16 instructions. A code c becomes the bf16 number 128 + c with one OR
 // (0x4300 is 128.0, and c fills the low mantissa bits), so VDPBF16PS multiplies 32 codes by x at once; each group's
@@ -555,23 +579,8 @@ struct Avx512Bf16Int4 {
         }
       }
     }
-    // The constant terms of the chunk's groups, 16 groups a register, after the codes rather than between them.
-    const int64_t first = k0 / w.group, last = k1 / w.group;
-    for (int r = 0; r < R; ++r) {
-      const int64_t row = (n0 + r) * groups;
-      for (int m = 0; m < M; ++m) {
-        __m512 sum = _mm512_setzero_ps();
-        int64_t g = first;
-        for (; g + 16 <= last; g += 16) {
-          const __m512 offset = _mm512_fnmadd_ps(_mm512_set1_ps(136.0f), sixteen_floats(w.scale + row + g),
-                                                 sixteen_floats(w.zero + row + g));  // zero - 136 scale
-          sum = _mm512_fmadd_ps(offset, _mm512_loadu_ps(w.group_sums + m * groups + g), sum);
-        }
-        float rest = _mm512_reduce_add_ps(sum);
-        for (; g < last; ++g) rest += int4_offset(w, n0 + r, groups, g, 136.0f) * w.group_sums[m * groups + g];
-        constant[m][r] += rest;
-      }
-    }
+    // The constant terms of the chunk's groups, after the codes rather than between them.
+    add_int4_constants_avx512(w, groups, n0, k0, k1, 136.0f, constant);
     for (int m = 0; m < M; ++m)
       for (int r = 0; r < R; ++r) y[m * N + n0 + r] += _mm512_reduce_add_ps(acc[m][r]) + constant[m][r];
   }
@@ -590,6 +599,36 @@ PG_AVX2 inline float hsum256(__m256 v) {
 PG_AVX2 inline __m256 widen_bf16(const uint16_t* p) {
   const __m128i half = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(half), 16));
+}
+
+// Eight scales or zeros (bf16 bits or fp32) as fp32.
+PG_AVX2 inline __m256 eight_floats(const uint16_t* p) { return widen_bf16(p); }
+PG_AVX2 inline __m256 eight_floats(const float* p) { return _mm256_loadu_ps(p); }
+
+// `add_int4_constants` eight groups a register. A group at a time, the scalar work of the constant terms cost about as
+// much as the codes with groups of 32: one thread, weights in L2 (kernel_throughput), 1 row of x, groups of 32 11.8
+// -> 15.7 billion weights a second and 128 18.5 -> 20.1; 4 rows 4.1 -> 6.7 and 7.3 -> 8.5 (AMD EPYC). (At 5 to 7
+// rows, where a block is one weight row, groups of 128 went 6.0 -> 5.5 with either form of the constant terms: the
+// codes' loop itself compiles differently.)
+template <int M, int R, typename S>
+PG_AVX2 inline void add_int4_constants_avx2(const Int4Weights<S>& w, int64_t groups, int64_t n0, int64_t k0,
+                                            int64_t k1, float centre, float (&constant)[M][R]) {
+  const int64_t first = k0 / w.group, last = k1 / w.group;
+  for (int r = 0; r < R; ++r) {
+    const int64_t row = (n0 + r) * groups;
+    for (int m = 0; m < M; ++m) {
+      __m256 sum = _mm256_setzero_ps();
+      int64_t g = first;
+      for (; g + 8 <= last; g += 8) {
+        const __m256 offset = _mm256_fnmadd_ps(_mm256_set1_ps(centre), eight_floats(w.scale + row + g),
+                                               eight_floats(w.zero + row + g));  // zero - centre * scale
+        sum = _mm256_fmadd_ps(offset, _mm256_loadu_ps(w.group_sums + m * groups + g), sum);
+      }
+      float rest = hsum256(sum);
+      for (; g < last; ++g) rest += int4_offset(w, n0 + r, groups, g, centre) * w.group_sums[m * groups + g];
+      constant[m][r] += rest;
+    }
+  }
 }
 
 // Eight rows of x as two passes of four over the same weight rows, which the first pass leaves in the L1 cache. With
@@ -763,7 +802,7 @@ struct Avx2Int4 {
         for (int m = 0; m < M; ++m) acc[m][r] = _mm256_fmadd_ps(in_group[m][r], scale, acc[m][r]);
       }
     }
-    add_int4_constants(w, groups, n0, k0, k1, 8.0f, constant);
+    add_int4_constants_avx2(w, groups, n0, k0, k1, 8.0f, constant);
     for (int m = 0; m < M; ++m)
       for (int r = 0; r < R; ++r) y[m * N + n0 + r] += hsum256(acc[m][r]) + constant[m][r];
   }
