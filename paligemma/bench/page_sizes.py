@@ -29,8 +29,8 @@ from ..kernels.huge_pages import huge_page_bytes, huge_pages_unavailable
 from ..models.config import PaliGemmaConfig
 from .command import progress, save_report
 from .harness import write_random_checkpoint
-from .limits import machine_description, measure_bandwidth
-from .quantized_decode import FORMATS, _time_cycles
+from .limits import machine_description
+from .quantized_decode import FORMATS, _time_cycles, bandwidth_sampler
 
 PAGES = {"4 KB pages": False, "2 MB pages": True}
 
@@ -68,12 +68,7 @@ def run(preset: str = "3b-224", formats: tuple[str, ...] = ("bf16", "int8"), bat
                               "started": time.strftime("%Y-%m-%d %H:%M:%S"), "results": [], "models": {},
                               "bandwidth_samples": [], "run_bandwidths": {}}
     start = time.perf_counter()
-
-    def bandwidth() -> float:
-        measured = measure_bandwidth(device, repeats=3)["gb_per_s"]
-        report["bandwidth_samples"].append(round(measured, 2))
-        return measured
-
+    bandwidth = bandwidth_sampler(report)
     with tempfile.TemporaryDirectory(dir=workdir) as scratch:
         directory = Path(scratch) / preset
         log(f"writing random {preset} weights (bf16) to {directory}")
@@ -118,8 +113,8 @@ def format_table(report: dict[str, Any]) -> str:
     """The report as text: one line per format and batch, tokens/s in each page size (medians over the cycles), and
     the median of the cycles' ratios."""
     samples = report["bandwidth_samples"]
-    lines = [f"{report['preset']}, {report['machine'].get('cpu', '')}, {report['variant']} kernel, bandwidth "
-             f"{min(samples):.1f} to {max(samples):.1f} GB/s ({len(samples)} samples)",
+    lines = [(f"{report['preset']}, {report['machine'].get('cpu', '')}, {report['variant']} kernel, bandwidth "
+              f"{min(samples):.1f} to {max(samples):.1f} GB/s ({len(samples)} samples)"),
              f"{'format':10} {'batch':>5} {'4 KB pages':>11} {'2 MB pages':>11} {'speed-up':>9} {'faster in':>10}"]
     for r in report["results"]:
         rates = r["tokens_per_s"]

@@ -31,16 +31,17 @@ import gc
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..models.config import PaliGemmaConfig
 from ..errors import PaliGemmaError
 from ..inference.decoders import CachedDecoder
 from ..inference.fixed_shape import FixedShapeDecoder
 from ..inference.kv_cache import StaticCache
+from ..models.config import PaliGemmaConfig
 from .command import progress, save_report
 from .harness import make_inputs, measure_load, reference_sharing_weights, time_generation, write_random_checkpoint
 from .limits import decode_step, linear_params, machine_description, measure_bandwidth
@@ -63,6 +64,17 @@ def step_bytes(model: torch.nn.Module, config: PaliGemmaConfig, batch: int, cont
         elif isinstance(module, torch.nn.Linear):
             stored += module.weight.numel() * module.weight.element_size()
     return bf16 - wide + stored
+
+
+def bandwidth_sampler(report: dict[str, Any]) -> Callable[[], float]:
+    """A function that measures the memory's read bandwidth now (GB/s) and records it in `report["bandwidth_samples"]`."""
+
+    def bandwidth() -> float:
+        measured = measure_bandwidth(torch.device("cpu"), repeats=3)["gb_per_s"]
+        report["bandwidth_samples"].append(round(measured, 2))
+        return measured
+
+    return bandwidth
 
 
 class RewindableDecoder:
@@ -162,12 +174,7 @@ def run(preset: str = "3b-224", batches: tuple[int, ...] = (1, 8), new_tokens: i
                               "started": time.strftime("%Y-%m-%d %H:%M:%S"), "results": [], "agreement": {},
                               "loading": {}, "bandwidth_samples": [], "run_bandwidths": {}}
     start = time.perf_counter()
-
-    def bandwidth() -> float:
-        measured = measure_bandwidth(device, repeats=3)["gb_per_s"]
-        report["bandwidth_samples"].append(round(measured, 2))
-        return measured
-
+    bandwidth = bandwidth_sampler(report)
     with tempfile.TemporaryDirectory(dir=workdir) as scratch:
         directory = Path(scratch) / preset
         log(f"writing random {preset} weights (bf16) to {directory}")
@@ -281,10 +288,10 @@ def format_table(report: dict[str, Any]) -> str:
     """The report as text: one line per format, variant and batch; tokens/s, the GB/s its steps read, bound, share of
     the bound and speed-up over bf16 (same variant) are medians over the cycles, each ratio taken within a cycle."""
     samples = report["bandwidth_samples"]
-    lines = [f"{report['preset']}, {report['machine'].get('cpu', '')}, bandwidth {min(samples):.1f} to "
-             f"{max(samples):.1f} GB/s ({len(samples)} samples), {report['kernel']}",
-             f"{'format':28} {'variant':7} {'batch':>5} {'tokens/s':>9} {'best':>7} {'reads':>6} {'bound':>7} "
-             f"{'of bound':>8} {'vs bf16':>8}"]
+    lines = [(f"{report['preset']}, {report['machine'].get('cpu', '')}, bandwidth {min(samples):.1f} to "
+              f"{max(samples):.1f} GB/s ({len(samples)} samples), {report['kernel']}"),
+             (f"{'format':28} {'variant':7} {'batch':>5} {'tokens/s':>9} {'best':>7} {'reads':>6} {'bound':>7} "
+              f"{'of bound':>8} {'vs bf16':>8}")]
     for r in report["results"]:
         best = f"{r['best_tokens_per_s']:7.2f}" if r.get("best_tokens_per_s") else ""
         bound = f"{r['bound_tokens_per_s']:7.2f}" if r["bound_tokens_per_s"] else ""

@@ -190,7 +190,11 @@ def _load_weights(
     def read(name: str) -> torch.Tensor:
         file, disk_name = wanted[name]
         if name in destination:
-            return file.read(disk_name, dtype or file.dtype(disk_name), device, out=destination[name])
+            tensor = file.read(disk_name, dtype or file.dtype(disk_name), device, out=destination[name])
+            # The conversion's chunk was freed into this thread's heap, where no later tensor of the arena would
+            # reuse it (as the tensors PyTorch allocates do): hand it back (io.memory), or each thread keeps one.
+            return_free_memory()
+            return tensor
         return file.tensor(disk_name, dtype, device)
 
     # Largest first, so the threads finish together; conversions run in parallel, mapped views cost nothing.

@@ -7,12 +7,16 @@ many rows of prefill (see `linear`). `load_pretrained` and `load_model` do this 
 
     model = accelerate(PaliGemmaForConditionalGeneration(config))
     with fast_paths(enabled=False): ...      # PyTorch's kernels only, for a comparison
+
+The weights they read can live in 2 MB pages (`huge_pages`): the loaders put what they allocate there, and
+`place_in_huge_pages(model)` moves the weights of a model built another way.
 """
 
 from __future__ import annotations
 
 from torch import nn
 
+from .huge_pages import HugePageArena, huge_pages_unavailable, place_in_huge_pages
 from .linear import FastLinear, FastPaths, fast_paths, kernel_status, path_for, release_buffers
 
 
@@ -29,5 +33,5 @@ def accelerate(model: nn.Module) -> nn.Module:
     return model
 
 
-__all__ = ["FastLinear", "FastPaths", "accelerate", "fast_paths", "kernel_status", "path_for",
-           "release_buffers"]
+__all__ = ["FastLinear", "FastPaths", "HugePageArena", "accelerate", "fast_paths", "huge_pages_unavailable",
+           "kernel_status", "path_for", "place_in_huge_pages", "release_buffers"]
