@@ -11,6 +11,7 @@ allocations never ask.
 mapped ones too), and `place_in_huge_pages(model)` moves the weights of a model built another way.
 
 What it buys was measured twice on an AMD EPYC with AVX-512 and 2 cores, whose memory is shared with other work:
+
 - the streaming kernel over 660 MB of 3B-shaped bf16 matrices, 5 alternating rounds: one row of x took 13.2-20.0 ms
   from 2 MB pages against 15.2-22.4 ms from 4 KB pages, eight rows 21.9-24.1 ms against 25.9-29.3;
 - whole compiled 3B decoding steps (`python -m paligemma.bench.page_sizes`, `book/data/page_sizes_cpu.json`), each
