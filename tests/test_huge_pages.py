@@ -42,8 +42,12 @@ def test_arena_hands_out_aligned_tensors_of_their_own_in_huge_pages():
     assert big.untyped_storage().nbytes() == 64 << 20 and small.untyped_storage().nbytes() == 30
     big.fill_(1.5)
     assert huge_page_bytes(big) >= 32 << 20  # most of the 64 MB, as 2 MB pages
-    if "[madvise]" in huge_pages.THP_SETTING.read_text():  # PyTorch's own allocations do not ask for huge pages
-        assert huge_page_bytes(torch.ones(1 << 22)) == 0
+    if "[madvise]" in huge_pages.THP_SETTING.read_text():  # a mapping that does not ask gets 4 KB pages only
+        plain = huge_pages.mmap.mmap(-1, 32 << 20, flags=huge_pages.mmap.MAP_PRIVATE | huge_pages.mmap.MAP_ANONYMOUS)
+        written = torch.frombuffer(plain, dtype=torch.uint8)
+        written.fill_(1)
+        assert huge_page_bytes(written) == 0 and not in_arena(written)
+        del written
     assert in_arena(big) and in_arena(small) and not in_arena(torch.ones(4))
     with pytest.raises(MemoryError, match="arena has"):
         arena.take((1 << 20,), torch.float32)

@@ -261,6 +261,7 @@ def _load_quantized(
     expected = {name: t for name, t in model.state_dict(keep_vars=True).items()}
     quantized_buffers = {f"{name}.{b}" for name, layer in layers.items() for b, _ in layer.named_buffers()}
     head_kept_wide = config.text_config.tie_word_embeddings and TIED_HEAD in expected  # int4 can keep it
+
     def made_here(name: str) -> bool:  # the quantized buffers of wide weights, or a tensor read with a conversion
         if name in quantized_buffers and not from_file:
             return True
