@@ -138,6 +138,22 @@ def test_huge_pages_errors(monkeypatch, tmp_path):
     assert place_in_huge_pages(model) == 0
 
 
+@needs_huge_pages
+def test_a_refused_mapping_falls_back_to_plain_memory(monkeypatch, small_threshold):
+    """Where the system refuses the mapping or its advice (a sandbox), loading uses plain memory unless huge pages were
+    asked for, which is then a one-line error."""
+    def refuse(self, capacity):
+        raise OSError("[Errno 1] Operation not permitted")
+
+    monkeypatch.setattr(HugePageArena, "__init__", refuse)
+    model, processor = load_pretrained(TINY, dtype="bf16", quantization="int8")
+    assert not any(in_arena(t) for t in model.state_dict().values())
+    assert generate(model, processor, [IMAGE], ["caption en"])
+    with pytest.raises(PaliGemmaError, match="huge_pages=True, but the system refused them: .*not permitted"):
+        load_pretrained(TINY, dtype="bf16", huge_pages=True)
+    assert place_in_huge_pages(model) == 0
+
+
 def test_read_into_a_tensor(tmp_path):
     file = SafetensorsFile(TINY / "model.safetensors")
     name = "language_model.model.embed_tokens.weight"

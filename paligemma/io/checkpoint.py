@@ -129,13 +129,20 @@ def _use_huge_pages(huge_pages: bool | None, device: torch.device) -> bool:
     return reason is None
 
 
-def _destinations(specs: dict[str, tuple[tuple[int, ...], torch.dtype]], huge_pages: bool) -> dict[str, torch.Tensor]:
-    """An empty tensor in one huge-page arena for each (shape, dtype) of `specs` big enough to be worth it; {} when
-    `huge_pages` is off."""
+def _destinations(specs: dict[str, tuple[tuple[int, ...], torch.dtype]], huge_pages: bool | None,
+                  device: torch.device) -> dict[str, torch.Tensor]:
+    """An empty tensor in one huge-page arena for each (shape, dtype) of `specs` big enough to be worth it; {} where
+    `_use_huge_pages` says no, or where the system refuses the mapping and huge pages were not asked for."""
+    use = _use_huge_pages(huge_pages, device)  # first: huge_pages=True where there are none is an error
     big = {name: spec for name, spec in specs.items() if worth_huge_pages(*spec)}
-    if not huge_pages or not big:
+    if not use or not big:
         return {}
-    arena = HugePageArena.for_tensors(list(big.values()))
+    try:
+        arena = HugePageArena.for_tensors(list(big.values()))
+    except OSError as error:  # madvise refused (a sandbox, say): plain memory, unless huge pages were asked for
+        if huge_pages:
+            raise PaliGemmaError(f"huge_pages=True, but the system refused them: {error}") from None
+        return {}
     return {name: arena.take(*spec) for name, spec in big.items()}
 
 
@@ -184,8 +191,7 @@ def _load_weights(
         dtype = torch.float32 if torch.float32 in stored else next(iter(stored))
     destination = _destinations({name: (file.shape(disk_name), dtype or file.dtype(disk_name))
                                  for name, (file, disk_name) in wanted.items()
-                                 if huge_pages or not file.mappable(disk_name, dtype, device)},
-                                _use_huge_pages(huge_pages, device))
+                                 if huge_pages or not file.mappable(disk_name, dtype, device)}, huge_pages, device)
 
     def read(name: str) -> torch.Tensor:
         file, disk_name = wanted[name]
@@ -271,7 +277,7 @@ def _load_quantized(
 
     destination = _destinations({name: (tuple(t.shape), t.dtype if name in quantized_buffers else dtype)
                                  for name, t in expected.items() if not (head_kept_wide and name == TIED_HEAD)
-                                 and (huge_pages or made_here(name))}, _use_huge_pages(huge_pages, device))
+                                 and (huge_pages or made_here(name))}, huge_pages, device)
     state: dict[str, torch.Tensor] = {}
     used = set()
     if not from_file:  # wide weights: quantize each layer's as it is read

@@ -75,7 +75,7 @@ class HugePageArena:
             raise OSError(reason)
         self.capacity = capacity
         self.map = mmap.mmap(-1, capacity + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        self.map.madvise(mmap.MADV_HUGEPAGE)
+        self.map.madvise(mmap.MADV_HUGEPAGE)  # OSError where refused
         address = torch.frombuffer(self.map, dtype=torch.uint8, count=1).data_ptr()
         self.start = -address % HUGE_PAGE  # the first 2 MB boundary in the mapping
         _LIVE_MAPPINGS.append((weakref.ref(self.map), address, address + capacity + HUGE_PAGE))
@@ -122,8 +122,9 @@ def worth_huge_pages(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, mi
 
 
 def place_in_huge_pages(model: nn.Module, min_bytes: int | None = None) -> int:
-    """Move every CPU parameter and buffer of `min_bytes` (`MIN_BYTES`) or more into one arena of huge pages, in place; returns
-    the bytes moved (0 where huge pages are unavailable: see `huge_pages_unavailable`).
+    """Move every CPU parameter and buffer of `min_bytes` (`MIN_BYTES`) or more into one arena of huge pages, in
+    place; returns the bytes moved (0 where huge pages are unavailable, `huge_pages_unavailable`, or the system
+    refuses them).
 
     Parameters keep their identity (their `.data` changes), so tied weights stay tied and an optimizer's references
     stay valid; a tensor held under two names is moved once. Weights are copied one at a time, and each old one is
@@ -142,7 +143,10 @@ def place_in_huge_pages(model: nn.Module, min_bytes: int | None = None) -> int:
                     tensors[id(tensor)] = tensor
     if not tensors:
         return 0
-    arena = HugePageArena.for_tensors([(t.shape, t.dtype) for t in tensors.values()])
+    try:
+        arena = HugePageArena.for_tensors([(t.shape, t.dtype) for t in tensors.values()])
+    except OSError:  # the system refused the mapping or the advice (a sandbox, say): the weights stay where they are
+        return 0
     moved = 0
     for key, old in list(tensors.items()):
         new = arena.take(old.shape, old.dtype)
