@@ -2,8 +2,9 @@
 
 - `best_time` and `peak_memory`: seconds per call, and the peak memory of a block (resident set on a CPU,
   allocated memory on CUDA);
-- `write_random_checkpoint`, `reference_sharing_weights`, `make_inputs`: random weights written once, transformers'
-  model holding this library's very tensors, and inputs laid out as the processor lays them out;
+- `write_random_checkpoint` (`scratch_checkpoint`: in a temporary folder), `reference_sharing_weights`,
+  `make_inputs`: random weights written once, transformers' model holding this library's very tensors, and inputs
+  laid out as the processor lays them out;
 - `time_generation` and `time_vision`: one `generate` call (prefill, then the decode rate) and one vision pass, for
   "ours", a variant of it (`VARIANTS`) or "transformers";
 - `measure_load`: loading, each time in a fresh process (`paligemma.bench.load_probe`).
@@ -145,6 +146,18 @@ def write_random_checkpoint(config: PaliGemmaConfig, directory: Path, dtype: tor
     config.dtype = str(dtype).removeprefix("torch.")
     tied = [TIED_HEAD] if config.text_config.tie_word_embeddings else []
     return write_checkpoint(directory, config.to_dict(), skeleton, max_shard_size=1 << 62, skip=tied, values=draw)
+
+
+@contextlib.contextmanager
+def scratch_checkpoint(config: PaliGemmaConfig, name: str, dtype: torch.dtype, workdir: str | None = None,
+                       log: Callable[[str], None] | None = None) -> Iterator[Path]:
+    """Random weights of `config` (`write_random_checkpoint`) in a temporary folder `name`, removed afterwards."""
+    with tempfile.TemporaryDirectory(dir=workdir) as scratch:
+        directory = Path(scratch) / name
+        if log is not None:
+            log(f"writing random {name} weights ({str(dtype).removeprefix('torch.')}) to {directory}")
+        write_random_checkpoint(config, directory, dtype)
+        yield directory
 
 
 def read_through(path: Path) -> None:

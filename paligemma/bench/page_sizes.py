@@ -17,9 +17,7 @@ from __future__ import annotations
 import argparse
 import gc
 import statistics
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,7 +26,7 @@ from ..kernels import huge_pages
 from ..kernels.huge_pages import huge_page_bytes, huge_pages_unavailable
 from ..models.config import PaliGemmaConfig
 from .command import progress, save_report
-from .harness import write_random_checkpoint
+from .harness import scratch_checkpoint
 from .limits import machine_description
 from .quantized_decode import FORMATS, _time_cycles, bandwidth_sampler
 
@@ -41,8 +39,9 @@ def _weight_bytes(model: torch.nn.Module) -> tuple[int, int]:
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     in_huge_pages = {}  # mapping's first address -> its AnonHugePages: every arena tensor of a model lies in one
     for t in tensors.values():
-        if huge_pages.in_an_arena(t):
-            in_huge_pages.setdefault(huge_pages.mapping_of(t), huge_page_bytes(t))
+        mapping = huge_pages.mapping_of(t)
+        if mapping is not None and mapping not in in_huge_pages:
+            in_huge_pages[mapping] = huge_page_bytes(t)
     return total, sum(in_huge_pages.values())
 
 
@@ -69,10 +68,7 @@ def run(preset: str = "3b-224", formats: tuple[str, ...] = ("bf16", "int8"), bat
                               "bandwidth_samples": [], "run_bandwidths": {}}
     start = time.perf_counter()
     bandwidth = bandwidth_sampler(report)
-    with tempfile.TemporaryDirectory(dir=workdir) as scratch:
-        directory = Path(scratch) / preset
-        log(f"writing random {preset} weights (bf16) to {directory}")
-        write_random_checkpoint(config, directory, torch.bfloat16)
+    with scratch_checkpoint(config, preset, torch.bfloat16, workdir, log) as directory:
         models = {}
         for name in formats:
             scheme, group = FORMATS[name]

@@ -29,10 +29,8 @@ from __future__ import annotations
 import argparse
 import gc
 import statistics
-import tempfile
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -43,7 +41,7 @@ from ..inference.fixed_shape import FixedShapeDecoder
 from ..inference.kv_cache import StaticCache
 from ..models.config import PaliGemmaConfig
 from .command import progress, save_report
-from .harness import make_inputs, measure_load, reference_sharing_weights, time_generation, write_random_checkpoint
+from .harness import make_inputs, measure_load, reference_sharing_weights, scratch_checkpoint, time_generation
 from .limits import decode_step, linear_params, machine_description, measure_bandwidth
 
 FORMATS = {"bf16": (None, None), "int8": ("int8", None), "int4-g128": ("int4", 128), "int4-g32": ("int4", 32)}
@@ -175,10 +173,7 @@ def run(preset: str = "3b-224", batches: tuple[int, ...] = (1, 8), new_tokens: i
                               "loading": {}, "bandwidth_samples": [], "run_bandwidths": {}}
     start = time.perf_counter()
     bandwidth = bandwidth_sampler(report)
-    with tempfile.TemporaryDirectory(dir=workdir) as scratch:
-        directory = Path(scratch) / preset
-        log(f"writing random {preset} weights (bf16) to {directory}")
-        write_random_checkpoint(config, directory, torch.bfloat16)
+    with scratch_checkpoint(config, preset, torch.bfloat16, workdir, log) as directory:
         if loading:  # each in a fresh process, before this one holds any model
             for name in formats:
                 log(f"loading {name} in a fresh process: time and peak memory")

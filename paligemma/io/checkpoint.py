@@ -197,9 +197,10 @@ def _load_weights(
         file, disk_name = wanted[name]
         if name in destination:
             tensor = file.read(disk_name, dtype or file.dtype(disk_name), device, out=destination[name])
-            # The conversion's chunk was freed into this thread's heap, where no later tensor of the arena would
-            # reuse it (as the tensors PyTorch allocates do): hand it back (io.memory), or each thread keeps one.
-            return_free_memory()
+            if tensor.dtype != file.dtype(disk_name):
+                # The conversion's chunk was freed into this thread's heap, where no later tensor of the arena
+                # would reuse it (as tensors PyTorch allocates do): hand it back (io.memory), or each thread keeps one.
+                return_free_memory()
             return tensor
         return file.tensor(disk_name, dtype, device)
 

@@ -72,11 +72,10 @@ class SafetensorsFile:
 
     def view(self, name: str) -> torch.Tensor | None:
         """The tensor as a view of the mapped file (no copy), or None where its bytes are not aligned for its dtype."""
-        begin, end = (self.data_start + offset for offset in self.entries[name]["data_offsets"])
-        dtype = self.dtype(name)
-        if begin % _itemsize(dtype):
+        if not self.mappable(name):
             return None
-        return self.bytes[begin:end].view(dtype).view(self.shape(name))
+        begin, end = (self.data_start + offset for offset in self.entries[name]["data_offsets"])
+        return self.bytes[begin:end].view(self.dtype(name)).view(self.shape(name))
 
     def read(self, name: str, dtype: torch.dtype, device: torch.device, rows: tuple[int, int] | None = None,
              out: torch.Tensor | None = None) -> torch.Tensor:
