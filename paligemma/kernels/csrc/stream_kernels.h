@@ -651,10 +651,10 @@ struct Avx2 {
   using X = float;
   using Weights = const W*;
   // One row of x takes four weight rows a block, not eight: on a Zen 3 EPYC (AVX2, no AVX-512), one thread, weights
-  // in L2 (kernel_throughput), bf16 at 1 row went 12.4 -> 19.5 billion weights a second with four, and 7.9 -> 12.4
+  // in L2 (kernel_throughput), bf16 at 1 row went 12.4 -> 19.5 billion weights a second with four, and 7.7 -> 12.4
   // with the prefetches once a cache line rather than once a step.
   template <int M>
-  static constexpr int rows_per_block() { return M == 1 ? 4 : M == 2 ? 4 : M <= 4 || M == 8 ? 2 : 1; }
+  static constexpr int rows_per_block() { return M <= 2 ? 4 : M <= 4 || M == 8 ? 2 : 1; }
 
   // acc[m][r] += W[n0 + r, k:k+8] * x[m, k:k+8] for every row of x and of the block.
   template <int M, int R>
@@ -775,7 +775,7 @@ struct Avx2Int4 {
   using X = float;
   using Weights = Int4Weights<S>;
   template <int M>
-  static constexpr int rows_per_block() { return M == 1 || M == 2 ? 4 : 1; }
+  static constexpr int rows_per_block() { return M <= 2 ? 4 : 1; }
 
   template <int M, int R>
   PG_AVX2 static void block(const X* x, Weights w, float* y, int64_t K, int64_t N, int64_t n0, int64_t k0,
