@@ -633,9 +633,9 @@ PG_AVX2 inline void add_int4_constants_avx2(const Int4Weights<S>& w, int64_t gro
 
 // Eight rows of x as two passes of four over the same weight rows, which the first pass leaves in the L1 cache. With
 // AVX2's 16 registers, eight rows hold 8 accumulators for a single weight row and load x for every 8 multiply-adds;
-// four rows take two weight rows a block and load x half as often. Single thread, weights in L2 (kernel_throughput),
-// 8 rows: bf16 3.8 -> 4.5 billion weights a second, int8 3.9 -> 4.1-4.2 (AMD EPYC); int4, whose four rows take one
-// weight row a block too, gains nothing and keeps its single pass.
+// four rows take more weight rows a block (see rows_per_block) and load x less often. Single thread, weights in L2
+// (kernel_throughput), 8 rows with two weight rows a block: bf16 3.8 -> 4.5 billion weights a second, int8 3.9 ->
+// 4.1-4.2 (AMD EPYC); int4, whose four rows take one weight row a block too, gains nothing and keeps its single pass.
 template <typename V, int R>
 PG_AVX2 inline void halves_of_eight(const typename V::X* x, typename V::Weights w, float* y, int64_t K, int64_t N,
                                     int64_t n0, int64_t k0, int64_t k1) {
@@ -652,15 +652,17 @@ struct Avx2 {
   using Weights = const W*;
   // One row of x takes four weight rows a block, not eight: on a Zen 3 EPYC (AVX2, no AVX-512), one thread, weights
   // in L2 (kernel_throughput), bf16 at 1 row went 12.4 -> 19.5 billion weights a second with four, and 7.7 -> 12.4
-  // with the prefetches once a cache line rather than once a step.
+  // with the prefetches once a cache line rather than once a step. Three or four rows of x (and eight, as two
+  // passes of four) take three weight rows, with x read from L1 at four rows so that the 12 accumulators fit; five
+  // to seven take two: on the same CPU, 8 rows 3.6 -> 4.4, 4 rows 7.9 -> 9.3, 5 rows 4.9 -> 6.3.
   template <int M>
-  static constexpr int rows_per_block() { return M <= 2 ? 4 : M <= 4 || M == 8 ? 2 : 1; }
+  static constexpr int rows_per_block() { return M <= 2 ? 4 : M <= 4 || M == 8 ? 3 : 2; }
 
   // acc[m][r] += W[n0 + r, k:k+8] * x[m, k:k+8] for every row of x and of the block.
   template <int M, int R>
   PG_AVX2 __attribute__((always_inline)) static void step(const X* x, const W* w, int64_t K, int64_t n0, int64_t k,
                                                           __m256 (&acc)[M][R]) {
-    constexpr bool keep_x = M <= 4;
+    constexpr bool keep_x = M * R + M <= 14;  // x in registers where they fit beside the accumulators and w
     __m256 xv[keep_x ? M : 1];
     if constexpr (keep_x)
       for (int m = 0; m < M; ++m) xv[m] = _mm256_loadu_ps(x + m * K + k);
@@ -723,8 +725,10 @@ using Avx2Fp32 = Avx2<float>;
 struct Avx2Int8 {
   using X = float;
   using Weights = Int8Weights;
+  // Three weight rows for three, four and eight rows of x (Zen 3, as above: 8 rows 3.3 -> 3.7, 4 rows 7.2 -> 7.9);
+  // two rows for five to seven were slower than one (5 rows 5.4 -> 4.9).
   template <int M>
-  static constexpr int rows_per_block() { return M == 1 ? 8 : M == 2 ? 4 : M <= 4 || M == 8 ? 2 : 1; }
+  static constexpr int rows_per_block() { return M == 1 ? 8 : M == 2 ? 4 : M <= 4 || M == 8 ? 3 : 1; }
 
   template <int M, int R>
   PG_AVX2 static void block(const X* x, Weights w, float* y, int64_t K, int64_t N, int64_t n0, int64_t k0,
