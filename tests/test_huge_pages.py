@@ -192,3 +192,47 @@ def test_page_sizes_benchmark_compares_the_two_copies_cycle_by_cycle(small_thres
     assert len(report["run_bandwidths"]["1"]) == 1 + 3 * 4
     table = format_table(report)
     assert "bf16" in table and "in huge pages" in table
+
+
+def test_the_writer_writes_whole_aligned_pieces_and_every_byte():
+    """Every write but the last starts on a piece boundary and is whole pieces long, whatever the sizes given; the
+    bytes come out as they went in."""
+    from paligemma.io.safetensors import HugePageAlignedWriter
+
+    class Recorder:
+        def __init__(self):
+            self.writes: list[bytes] = []
+
+        def write(self, data) -> None:
+            self.writes.append(bytes(data))
+
+    generator = torch.Generator().manual_seed(0)
+    sizes = [int(s) for s in torch.randint(0, 300, (200,), generator=generator)] + [0, 64, 1000, 5]
+    chunks = [bytes(torch.randint(0, 256, (size,), generator=generator, dtype=torch.uint8).tolist()) for size in sizes]
+    recorder = Recorder()
+    writer = HugePageAlignedWriter(recorder, piece=64)
+    for chunk in chunks:
+        writer.write(chunk)
+    writer.flush()
+    assert b"".join(recorder.writes) == b"".join(chunks)
+    offset = 0
+    for data in recorder.writes[:-1]:
+        assert offset % 64 == 0 and len(data) % 64 == 0 and len(data) > 0
+        offset += len(data)
+    assert len(recorder.writes[-1]) < 64
+
+
+@pytest.mark.skipif(not hasattr(huge_pages.mmap, "MADV_NOHUGEPAGE"), reason="madvise advice is Linux's")
+def test_a_mapped_file_loaded_with_huge_pages_false_stays_in_small_pages(tmp_path):
+    """`huge_pages=False` advises the file's mapping against 2 MB pages, so a mapped tensor is read in 4 KB pages
+    even where the page cache holds the file in 2 MB pieces (as this library writes it); a checkpoint written by
+    `write_safetensors` reads back exactly either way."""
+    from paligemma.io.safetensors import write_safetensors
+
+    weight = torch.randn(2048, 2048, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)  # 8 MB
+    write_safetensors(tmp_path / "w.safetensors", {"a": torch.ones(3), "w": weight})
+    for advice in (False, None):
+        view = SafetensorsFile(tmp_path / "w.safetensors", huge_pages=advice).view("w")
+        assert torch.equal(view, weight)  # every page touched
+        if advice is False:
+            assert huge_page_bytes(view) == 0

@@ -4,12 +4,12 @@
     python -m paligemma.bench.page_sizes --preset small --formats bf16 --batches 1
 
 One random bf16 checkpoint is written, then each weight format is loaded twice: with `huge_pages=False` (bf16 as
-views of the mapped file, quantized codes in PyTorch's allocations: 4 KB pages, as before huge pages) and with
+views of the mapped file advised against huge pages, quantized codes in PyTorch's allocations: 4 KB pages) and with
 `huge_pages=True` (every tensor of 2 MB or more in one arena of 2 MB pages, `paligemma.kernels.huge_pages`). Both
 copies decode in turn within each cycle, as `quantized_decode` times its formats (`_time_cycles`: the compiled step,
 the bandwidth measured beside every run), so the ratio of each cycle compares two runs a few seconds apart. Also
-reported: how much of each copy the kernel actually backs with huge pages (`AnonHugePages`), and the seconds each
-load took in this process.
+reported: how much of each copy the kernel actually backs with huge pages (`AnonHugePages`, and a mapped file's
+`FilePmdMapped`), and the seconds each load took in this process.
 """
 
 from __future__ import annotations
@@ -22,8 +22,7 @@ from typing import Any
 
 import torch
 
-from ..kernels import huge_pages
-from ..kernels.huge_pages import huge_page_bytes, huge_pages_unavailable
+from ..kernels.huge_pages import huge_pages_unavailable, mapping_holding, mappings
 from ..models.config import PaliGemmaConfig
 from .command import progress, save_report
 from .harness import scratch_checkpoint
@@ -37,12 +36,14 @@ def _weight_bytes(model: torch.nn.Module) -> tuple[int, int]:
     """(bytes of the model's tensors, bytes of them the kernel backs with huge pages now)."""
     tensors = {t.data_ptr(): t for t in model.state_dict().values()}  # a tied weight once
     total = sum(t.numel() * t.element_size() for t in tensors.values())
-    in_huge_pages = {}  # mapping's first address -> its AnonHugePages: every arena tensor of a model lies in one
+    every = mappings()
+    held: dict[tuple[int, int, int], int] = {}  # each mapping that holds tensors of the model -> their bytes
     for t in tensors.values():
-        mapping = huge_pages.mapping_of(t)
-        if mapping is not None and mapping not in in_huge_pages:
-            in_huge_pages[mapping] = huge_page_bytes(t)
-    return total, sum(in_huge_pages.values())
+        mapping = mapping_holding(t, every)
+        if mapping is not None:
+            held[mapping] = held.get(mapping, 0) + t.numel() * t.element_size()
+    # a mapping's huge pages, but no more than the model's bytes in it (a mapped file may hold other tensors too)
+    return total, sum(min(mapping[2], nbytes) for mapping, nbytes in held.items())
 
 
 def run(preset: str = "3b-224", formats: tuple[str, ...] = ("bf16", "int8"), batches: tuple[int, ...] = (1, 8),

@@ -9,8 +9,11 @@ model is built on the meta device first (shapes, no memory) and takes the loaded
 
 On a Linux CPU, every tensor of 2 MB or more that loading makes rather than maps (quantized codes, a converted
 dtype) is made in one block of memory that asks for 2 MB pages (`paligemma.kernels.huge_pages`): it costs nothing
-there, and int8 decoding read its codes a few per cent faster from it. Mapped tensors stay mapped, unless
-`huge_pages=True`: for bf16 weights, copying them cost seconds of loading and measured no faster decoding.
+there, and int8 decoding read its codes a few per cent faster from it. Mapped tensors stay mapped, and the mapping is
+advised for 2 MB pages: where the page cache holds the file in 2 MB folios (a file this library wrote, or one read
+cold, on kernels and file systems with large folios) they come at no cost. `huge_pages=True` copies mapped tensors
+into 2 MB pages too, whatever the page cache holds (seconds of loading for a 3B model); `huge_pages=False` keeps
+everything in 4 KB pages.
 """
 
 from __future__ import annotations
@@ -159,7 +162,7 @@ def _load_weights(
     A tensor already in `dtype` is a view of the mapped file, unless `huge_pages=True`; every large tensor that is
     read rather than mapped goes into one huge-page arena where `_use_huge_pages` allows.
     """
-    files = [SafetensorsFile(path) for path in weight_files(directory)]
+    files = [SafetensorsFile(path, huge_pages) for path in weight_files(directory)]
     device, dtype = parse_device(device), parse_dtype(dtype)
 
     model = empty_model(config)
@@ -250,7 +253,7 @@ def _load_quantized(
     from ..quantization.linear import QuantizedLinear
     from ..quantization.model import quantized_structure
 
-    files = [SafetensorsFile(path) for path in weight_files(directory)]
+    files = [SafetensorsFile(path, huge_pages) for path in weight_files(directory)]
     device, dtype = parse_device(device), parse_dtype(dtype)
     index = {}
     for file in files:
@@ -363,7 +366,8 @@ def load_model(
     ("int8", or "int4" in groups of `group_size`) quantizes the linear layers as the weights are read.
     `huge_pages`: where Linux offers them, on a CPU, every weight of 2 MB or more that loading makes (quantized
     codes, a converted dtype) goes into memory of 2 MB pages (`paligemma.kernels.huge_pages`), and those already in
-    the wanted dtype stay views of the mapped file; `True` reads those into huge pages too, `False` none.
+    the wanted dtype stay views of the mapped file, advised for 2 MB pages; `True` reads those into huge pages too,
+    `False` keeps everything in 4 KB pages.
     """
     directory = resolve_checkpoint(name_or_path)
     config = read_config(directory / CONFIG_FILE)

@@ -5,6 +5,12 @@ A file is an 8-byte little-endian header length, a JSON header (name -> dtype, s
 wanted dtype is a view of the page cache (no copy); a tensor to convert is read a bounded chunk at a time. Writing
 takes one tensor at a time, so a checkpoint larger than memory can be written (the benchmark's random 3B weights),
 into a temporary file renamed at the end: a killed writer leaves the old file or none, never half of one.
+
+Page sizes: decoding streams every mapped weight once a step, and on some CPUs it reads them markedly faster from 2 MB
+pages than from 4 KB ones (`paligemma.kernels.huge_pages`). A mapped file gets 2 MB pages where the page cache holds
+it in 2 MB pieces (folios), which Linux's newer kernels do for file systems with large folios (ext4, xfs) when the
+file was read or written in whole, aligned 2 MB pieces. So the writer writes in such pieces
+(`HugePageAlignedWriter`), and the reader advises its mapping for huge pages (or against them, `huge_pages=False`).
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ DTYPE_CODES = {
 CODE_OF_DTYPE = {dtype: code for code, dtype in DTYPE_CODES.items()}
 CONVERT_CHUNK_BYTES = 8 << 20  # read at a time when a tensor changes dtype: all a conversion holds extra
 MAX_HEADER_BYTES = 100 << 20
+PIECE_BYTES = 2 << 20  # the writer's piece: one 2 MB page (this file format depends on nothing else of the package)
 
 
 def _itemsize(dtype: torch.dtype) -> int:
@@ -35,9 +42,13 @@ def _itemsize(dtype: torch.dtype) -> int:
 
 
 class SafetensorsFile:
-    """One safetensors file: its header, checked here, and the file mapped (copy on write, so never modified)."""
+    """One safetensors file: its header, checked here, and the file mapped (copy on write, so never modified).
 
-    def __init__(self, path: Path) -> None:
+    `huge_pages`: the mapping is advised for 2 MB pages (None, True) or against them (False), where the system
+    takes such advice (Linux); the page cache decides whether there are any (see the module docstring).
+    """
+
+    def __init__(self, path: Path, huge_pages: bool | None = None) -> None:
         self.path = path
         try:
             with open(path, "rb") as handle:
@@ -56,6 +67,8 @@ class SafetensorsFile:
                     if end - begin != nbytes or self.data_start + end > size:
                         raise ValueError(f"tensor {name} has {end - begin} bytes for shape {info['shape']}")
                 self.map = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY) if size else None
+            if self.map is not None:
+                _advise_page_size(self.map, huge_pages is not False)
         except (OSError, ValueError, KeyError, TypeError, struct.error) as error:
             raise PaliGemmaError(f"{path} is not a valid safetensors file: {error}") from None
         self.bytes = torch.frombuffer(self.map, dtype=torch.uint8) if self.map is not None else None
@@ -135,6 +148,45 @@ class SafetensorsFile:
         return self.read(name, dtype or self.dtype(name), torch.device(device))
 
 
+def _advise_page_size(mapping: mmap.mmap, huge: bool) -> None:
+    """madvise(MADV_HUGEPAGE) or (MADV_NOHUGEPAGE) on a mapping, where the system has that advice; it is only advice,
+    so a refusal changes nothing here."""
+    advice = getattr(mmap, "MADV_HUGEPAGE" if huge else "MADV_NOHUGEPAGE", None)
+    if advice is not None:
+        try:
+            mapping.madvise(advice)
+        except OSError:
+            pass
+
+
+class HugePageAlignedWriter:
+    """Writes to a binary file in pieces that start on a 2 MB boundary of the file and are whole multiples of 2 MB
+    (but the last), holding back at most one partial piece: the page cache then holds each piece as one 2 MB folio
+    where the kernel can, and mapping the file later gets 2 MB pages without copying it."""
+
+    def __init__(self, file, piece: int = PIECE_BYTES) -> None:
+        self.file, self.piece, self.pending = file, piece, bytearray()
+
+    def write(self, data) -> None:
+        data = memoryview(data).cast("B")
+        if len(self.pending) + len(data) < self.piece:
+            self.pending += data
+            return
+        fill = self.piece - len(self.pending)  # bytes of data that complete the piece held back
+        self.pending += data[:fill]
+        self.file.write(self.pending)
+        rest = data[fill:]
+        whole = len(rest) // self.piece * self.piece
+        if whole:
+            self.file.write(rest[:whole])  # [whole] bytes from a boundary: whole pieces, no copy
+        self.pending = bytearray(rest[whole:])
+
+    def flush(self) -> None:
+        """Write what is held back (the file's last, partial piece)."""
+        self.file.write(self.pending)
+        self.pending = bytearray()
+
+
 def write_safetensors(
     path: str | Path,
     tensors: Mapping[str, torch.Tensor],
@@ -159,7 +211,8 @@ def write_safetensors(
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
     partial = path.with_name(path.name + ".partial")
-    with open(partial, "wb") as file:
+    with open(partial, "wb") as handle:
+        file = HugePageAlignedWriter(handle)
         file.write(struct.pack("<Q", len(encoded)))
         file.write(encoded)
         for name, tensor in tensors.items():
@@ -170,6 +223,7 @@ def write_safetensors(
             data = data.detach().to("cpu").contiguous()
             file.write(data.reshape(-1).view(torch.uint8).numpy().data)  # the raw little-endian bytes
         file.flush()
-        os.fsync(file.fileno())
+        handle.flush()
+        os.fsync(handle.fileno())
     os.replace(partial, path)
     return offset

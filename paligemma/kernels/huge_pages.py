@@ -97,23 +97,37 @@ class HugePageArena:
         return flat.view(shape)
 
 
-def huge_page_bytes(tensor: torch.Tensor) -> int:
-    """How many bytes of the mapping that holds `tensor` are in huge pages now (`AnonHugePages` in
-    /proc/self/smaps); 0 where that file is missing (not Linux)."""
-    address = tensor.untyped_storage().data_ptr()
+def mappings() -> list[tuple[int, int, int]]:
+    """(first address, end, bytes in huge pages now) of every mapping of this process: its `AnonHugePages` (memory
+    of its own, as an arena's) plus its `FilePmdMapped` (a mapped file's page cache in 2 MB pages), from
+    /proc/self/smaps; [] where that file is missing (not Linux)."""
     try:
         text = Path("/proc/self/smaps").read_text()
     except OSError:
-        return 0
-    inside = False
+        return []
+    found: list[tuple[int, int, int]] = []
     for line in text.splitlines():
         first = line.split(" ", 1)[0]
         if "-" in first and ":" not in first:  # a mapping's header: "low-high perms offset ..."
             low, high = (int(part, 16) for part in first.split("-"))
-            inside = low <= address < high
-        elif inside and line.startswith("AnonHugePages:"):
-            return int(line.split()[1]) * 1024
-    return 0
+            found.append((low, high, 0))
+        elif found and line.startswith(("AnonHugePages:", "FilePmdMapped:")):
+            low, high, huge = found[-1]
+            found[-1] = (low, high, huge + int(line.split()[1]) * 1024)
+    return found
+
+
+def mapping_holding(tensor: torch.Tensor, among: list[tuple[int, int, int]] | None = None) -> tuple[int, int, int] | None:
+    """The entry of `mappings()` (or of `among`, read once for many tensors) that holds the tensor's memory."""
+    address = tensor.untyped_storage().data_ptr()
+    return next((m for m in (mappings() if among is None else among) if m[0] <= address < m[1]), None)
+
+
+def huge_page_bytes(tensor: torch.Tensor) -> int:
+    """How many bytes of the mapping that holds `tensor` are in huge pages now, anonymous or a mapped file's; 0 where
+    that cannot be read (not Linux)."""
+    mapping = mapping_holding(tensor)
+    return 0 if mapping is None else mapping[2]
 
 
 def worth_huge_pages(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, min_bytes: int | None = None) -> bool:
