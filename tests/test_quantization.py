@@ -299,6 +299,12 @@ def test_quantized_decode_benchmark_runs():
     for r in timed:  # each run's bound is from the faster of the samples beside it, and its read rate its bytes
         assert len(r["bandwidth_beside_gb_per_s"]) == 2 and set(r["bandwidth_beside_gb_per_s"]) <= set(samples)
         assert r["read_gb_per_s"] == pytest.approx(statistics.median(r["samples"]) * r["bytes_per_step"] / 1e9, 1e-2)
+        # the bound is the slower of the memory's and the arithmetic's, as python -m paligemma.bench has it
+        memory, arithmetic = r["memory_bound_tokens_per_s"], r["arithmetic_bound_tokens_per_s"]
+        assert arithmetic == pytest.approx(r["batch"] * report["matmul"]["gflop_per_s"] * 1e9 / r["flops_per_step"])
+        assert r["bound_tokens_per_s"] <= min(memory, arithmetic) * (1 + 1e-9)
+        assert r["bound_by"] == ("memory" if memory <= arithmetic else "arithmetic")
+        assert r["fraction_of_bound"] >= r["fraction_of_memory_bound"] * (1 - 1e-9)
     assert "top-1 agreement with bf16" in format_table(report)
     loading = report["loading"]  # each format loaded in a fresh process, quantized as it loads
     assert set(loading) == {"bf16", "int8", "int4-g128", "int4-g32"}

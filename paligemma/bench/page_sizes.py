@@ -26,7 +26,7 @@ from ..kernels.huge_pages import huge_pages_unavailable, mapping_holding, mappin
 from ..models.config import PaliGemmaConfig
 from .command import progress, save_report
 from .harness import scratch_checkpoint
-from .limits import machine_description
+from .limits import machine_description, measure_matmul
 from .quantized_decode import FORMATS, _time_cycles, bandwidth_sampler
 
 PAGES = {"4 KB pages": False, "2 MB pages": True}
@@ -69,6 +69,7 @@ def run(preset: str = "3b-224", formats: tuple[str, ...] = ("bf16", "int8"), bat
                               "bandwidth_samples": [], "run_bandwidths": {}}
     start = time.perf_counter()
     bandwidth = bandwidth_sampler(report)
+    report["matmul"] = measure_matmul(device, [torch.float32, torch.bfloat16])  # for the bounds (`_time_cycles`)
     with scratch_checkpoint(config, preset, torch.bfloat16, workdir, log) as directory:
         models = {}
         for name in formats:

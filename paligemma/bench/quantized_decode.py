@@ -13,9 +13,12 @@ of 128 and 32, each quantized as it loads. For each format and each kernel varia
   memory of a shared machine speeds up and slows down by more than the differences measured here, so every ratio is
   taken within one cycle (a few seconds) and the report gives the median over the cycles: the speed-up over bf16,
   and the share of the bound;
-- the bound for that format: the bytes one decoding step reads (its stored decoder and head, norms, the KV cache)
-  over the memory bandwidth measured next to that run (the faster of the samples just before and just after it),
-  so each format is held to its own byte count; and the rate at which its steps read those bytes, GB/s;
+- the bound for that format, as `python -m paligemma.bench` bounds decoding (`limits.decode_rate_bound`): a step
+  takes at least the bytes it reads (its stored decoder and head, norms, the KV cache) over the memory bandwidth
+  measured next to that run (the faster of the samples just before and just after it), so each format is held to
+  its own byte count, and at least its multiply-adds over the machine's matrix throughput (the faster of fp32 and
+  bf16 products, measured at the start), which is what binds at larger batches on a CPU with few or narrow
+  multipliers. The memory's bound alone is reported beside it, and the rate at which the steps read their bytes;
 - transformers with torchao's int8 weight-only layers on the same weights, in the same run (`--no-torchao` skips),
   timed as one `generate` call per batch (`harness.time_generation`);
 - the top-1 agreement of next-token predictions with bf16, teacher-forced over `--positions` positions of one
@@ -42,7 +45,14 @@ from ..inference.kv_cache import StaticCache
 from ..models.config import PaliGemmaConfig
 from .command import progress, save_report
 from .harness import make_inputs, measure_load, reference_sharing_weights, scratch_checkpoint, time_generation
-from .limits import decode_step, linear_params, machine_description, measure_bandwidth
+from .limits import (
+    decode_rate_bound,
+    decode_step,
+    linear_params,
+    machine_description,
+    measure_bandwidth,
+    measure_matmul,
+)
 
 FORMATS = {"bf16": (None, None), "int8": ("int8", None), "int4-g128": ("int4", 128), "int4-g32": ("int4", 32)}
 
@@ -173,6 +183,8 @@ def run(preset: str = "3b-224", batches: tuple[int, ...] = (1, 8), new_tokens: i
                               "loading": {}, "bandwidth_samples": [], "run_bandwidths": {}}
     start = time.perf_counter()
     bandwidth = bandwidth_sampler(report)
+    log("matrix throughput (fp32 and bf16 products)")
+    report["matmul"] = measure_matmul(device, [torch.float32, torch.bfloat16])
     with scratch_checkpoint(config, preset, torch.bfloat16, workdir, log) as directory:
         if loading:  # each in a fresh process, before this one holds any model
             for name in formats:
@@ -262,17 +274,25 @@ def _time_cycles(models: dict[str, torch.nn.Module], config: PaliGemmaConfig, ba
     gc.collect()
     report["run_bandwidths"][str(batch)] = [round(b, 2) for b in measured]
     results = []
+    gflop_per_s = report["matmul"]["gflop_per_s"]
+    flops = decode_step(config, batch, context, torch.bfloat16)["flops"]  # the same multiply-adds in every format
     for name, variant in names:
         nbytes = step_bytes(models[name], config, batch, context)
         samples = rates[(name, variant)]
-        bounds = [batch * gb_per_s * 1e9 / nbytes for gb_per_s in beside[(name, variant)]]
+        step = {"bytes": nbytes, "flops": flops}
+        bounds = [decode_rate_bound(batch, step, gb_per_s, gflop_per_s) for gb_per_s in beside[(name, variant)]]
+        memory = [batch * gb_per_s * 1e9 / nbytes for gb_per_s in beside[(name, variant)]]
+        arithmetic = batch * gflop_per_s * 1e9 / flops
         result = {"format": name, "variant": variant, "batch": batch,
                   "decode_tokens_per_s": statistics.median(samples), "samples": [round(r, 3) for r in samples],
-                  "best_tokens_per_s": max(samples), "bytes_per_step": nbytes,
+                  "best_tokens_per_s": max(samples), "bytes_per_step": nbytes, "flops_per_step": flops,
                   "read_gb_per_s": statistics.median(r / batch * nbytes / 1e9 for r in samples),
                   "bandwidth_beside_gb_per_s": [round(b, 2) for b in beside[(name, variant)]],
                   "bound_tokens_per_s": statistics.median(bounds),
-                  "fraction_of_bound": statistics.median(r / b for r, b in zip(samples, bounds))}
+                  "bound_by": "memory" if statistics.median(memory) <= arithmetic else "arithmetic",
+                  "fraction_of_bound": statistics.median(r / b for r, b in zip(samples, bounds)),
+                  "memory_bound_tokens_per_s": statistics.median(memory), "arithmetic_bound_tokens_per_s": arithmetic,
+                  "fraction_of_memory_bound": statistics.median(r / b for r, b in zip(samples, memory))}
         if ("bf16", variant) in rates:
             result["speedup_over_bf16"] = statistics.median(r / b for r, b in zip(samples, rates[("bf16", variant)]))
         results.append(result)
@@ -286,15 +306,19 @@ def format_table(report: dict[str, Any]) -> str:
     lines = [(f"{report['preset']}, {report['machine'].get('cpu', '')}, bandwidth {min(samples):.1f} to "
               f"{max(samples):.1f} GB/s ({len(samples)} samples), {report['kernel']}"),
              (f"{'format':28} {'variant':7} {'batch':>5} {'tokens/s':>9} {'best':>7} {'reads':>6} {'bound':>7} "
-              f"{'of bound':>8} {'vs bf16':>8}")]
+              f"{'by':>10} {'of bound':>8} {'of memory':>9} {'vs bf16':>8}")]
     for r in report["results"]:
         best = f"{r['best_tokens_per_s']:7.2f}" if r.get("best_tokens_per_s") else ""
         bound = f"{r['bound_tokens_per_s']:7.2f}" if r["bound_tokens_per_s"] else ""
         share = f"{r['fraction_of_bound']:7.0%}" if r["fraction_of_bound"] else ""
+        of_memory = f"{r['fraction_of_memory_bound']:8.0%}" if r.get("fraction_of_memory_bound") else ""
         ratio = f"{r['speedup_over_bf16']:7.2f}x" if r.get("speedup_over_bf16") else ""
         reads = f"{r['read_gb_per_s']:6.1f}" if r.get("read_gb_per_s") else ""  # GB/s its steps read
         lines.append(f"{r['format']:28} {r['variant']:7} {r['batch']:>5} {r['decode_tokens_per_s']:9.2f} {best:>7} "
-                     f"{reads:>6} {bound:>7} {share:>8} {ratio:>8}")
+                     f"{reads:>6} {bound:>7} {r.get('bound_by', ''):>10} {share:>8} {of_memory:>9} {ratio:>8}")
+    if "matmul" in report:
+        lines.append(f"matrix throughput {report['matmul']['gflop_per_s']:.0f} GFLOP/s ({report['matmul']['dtype']}); "
+                     f"bound: the slower of bytes / bandwidth and FLOPs / throughput")
     for name, measured in report.get("loading", {}).items():
         peak = measured["peak_above_base_bytes"] / 1e9
         lines.append(f"loading {name}: {measured['seconds']:.1f} s, peak {peak:.2f} GB "

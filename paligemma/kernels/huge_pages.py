@@ -10,6 +10,13 @@ allocations never ask.
 `MIN_BYTES` they allocate in one (quantized codes, converted weights; `load_model(..., huge_pages=True)` copies the
 mapped ones too), and `place_in_huge_pages(model)` moves the weights of a model built another way.
 
+A mapped checkpoint can be in 2 MB pages too, with no copy: where the kernel and the file system keep files in the
+page cache in large pieces (folios; Linux 6.x with ext4 or xfs, for example), a 2 MB-aligned piece of the file held
+as one folio is mapped as one 2 MB page, and more so when the mapping asks (`io.safetensors` asks, and writes its
+files in whole 2 MB pieces so that a fresh one is cached that way). What the page cache holds is the kernel's to
+decide: a file written in small pieces by another program stays in small folios until it leaves the cache.
+`huge_page_bytes` counts both kinds (`AnonHugePages` and `FilePmdMapped`).
+
 What it buys was measured twice on an AMD EPYC with AVX-512 and 2 cores, whose memory is shared with other work:
 
 - the streaming kernel over 660 MB of 3B-shaped bf16 matrices, 5 alternating rounds: one row of x took 13.2-20.0 ms
@@ -17,8 +24,13 @@ What it buys was measured twice on an AMD EPYC with AVX-512 and 2 cores, whose m
 - whole compiled 3B decoding steps (`python -m paligemma.bench.page_sizes`, `book/data/page_sizes_cpu.json`), each
   copy in turn within 5 cycles: int8 codes 1.04x as fast at batch 1 (faster in 4 cycles of 5) and 1.09x at batch 8
   (5 of 5); bf16 weights 1.02x at batch 1 (3 of 5) and 0.94x at batch 8 (0 of 5) against the mapped file, which took
-  8 s longer to load into huge pages. Hence the loaders' default: huge pages for what they allocate anyway, the file
-  mapped for the rest.
+  8 s longer to load into huge pages.
+
+On an AMD EPYC with AVX2 only (Zen 3, 2 cores), the same command: bf16 weights 1.16x as fast at batch 1 (faster in 5
+of 5 cycles), 0.99x at batch 8; int8 codes 0.99x and 0.97x. (That run's mapped copy was not yet advised against
+huge pages, and may have been partly in them: another file written the same way, before the writer wrote whole
+pieces, was mapped 2.2 of 5.7 GB in 2 MB pages.) Hence the loaders' default: huge pages for what they allocate
+anyway, and the file mapped, asking for huge pages, for the rest.
 
 Each tensor cut from the arena has a storage of its own (its own bytes, as `torch.save` sees them); the mapping is
 unmapped when the last of them is freed.
