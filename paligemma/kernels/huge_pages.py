@@ -129,7 +129,8 @@ def mappings() -> list[tuple[int, int, int]]:
     return found
 
 
-def mapping_holding(tensor: torch.Tensor, among: list[tuple[int, int, int]] | None = None) -> tuple[int, int, int] | None:
+def mapping_holding(tensor: torch.Tensor,
+                    among: list[tuple[int, int, int]] | None = None) -> tuple[int, int, int] | None:
     """The entry of `mappings()` (or of `among`, read once for many tensors) that holds the tensor's memory."""
     address = tensor.untyped_storage().data_ptr()
     return next((m for m in (mappings() if among is None else among) if m[0] <= address < m[1]), None)
