@@ -109,28 +109,30 @@ class HugePageArena:
         return flat.view(shape)
 
 
-def mappings() -> list[tuple[int, int, int]]:
-    """(first address, end, bytes in huge pages now) of every mapping of this process: its `AnonHugePages` (memory
-    of its own, as an arena's) plus its `FilePmdMapped` (a mapped file's page cache in 2 MB pages), from
-    /proc/self/smaps; [] where that file is missing (not Linux)."""
+def mappings() -> list[tuple[int, int, int, str]]:
+    """(first address, end, bytes in huge pages now, file) of every mapping of this process: its `AnonHugePages`
+    (memory of its own, as an arena's) plus its `FilePmdMapped` (a mapped file's page cache in 2 MB pages), and the
+    path of the file it maps ("" for memory of its own), from /proc/self/smaps; [] where that file is missing (not
+    Linux)."""
     try:
         text = Path("/proc/self/smaps").read_text()
     except OSError:
         return []
-    found: list[tuple[int, int, int]] = []
+    found: list[tuple[int, int, int, str]] = []
     for line in text.splitlines():
         first = line.split(" ", 1)[0]
-        if "-" in first and ":" not in first:  # a mapping's header: "low-high perms offset ..."
+        if "-" in first and ":" not in first:  # a mapping's header: "low-high perms offset device inode [path]"
+            fields = line.split(None, 5)
             low, high = (int(part, 16) for part in first.split("-"))
-            found.append((low, high, 0))
+            found.append((low, high, 0, fields[5] if len(fields) > 5 else ""))
         elif found and line.startswith(("AnonHugePages:", "FilePmdMapped:")):
-            low, high, huge = found[-1]
-            found[-1] = (low, high, huge + int(line.split()[1]) * 1024)
+            low, high, huge, path = found[-1]
+            found[-1] = (low, high, huge + int(line.split()[1]) * 1024, path)
     return found
 
 
-def mapping_holding(tensor: torch.Tensor,
-                    among: list[tuple[int, int, int]] | None = None) -> tuple[int, int, int] | None:
+def mapping_holding(tensor: torch.Tensor, among: list[tuple[int, int, int, str]] | None = None
+                    ) -> tuple[int, int, int, str] | None:
     """The entry of `mappings()` (or of `among`, read once for many tensors) that holds the tensor's memory."""
     address = tensor.untyped_storage().data_ptr()
     return next((m for m in (mappings() if among is None else among) if m[0] <= address < m[1]), None)
