@@ -39,7 +39,8 @@ double worst_error(std::mt19937& random) {
   std::normal_distribution<float> normal;
   double worst = 0;
   for (int64_t m = 1; m <= 8; ++m) {
-    for (const Case c : {Case{m, 64, 37}, Case{m, 100, 256}, Case{m, 1152, 19}, Case{m, 4130, 8}, Case{m, 13, 5}}) {
+    for (const Case c : {Case{m, 64, 37}, Case{m, 100, 256}, Case{m, 1152, 19}, Case{m, 4130, 8}, Case{m, 13, 5},
+                         Case{m, 33000, 3}}) {
       std::vector<float> xf(c.m * c.k), wf(c.n * c.k);
       for (float& v : xf) v = normal(random);
       for (float& v : wf) v = normal(random);
@@ -102,7 +103,8 @@ double worst_error_int8(std::mt19937& random) {
   std::uniform_int_distribution<int> code(-128, 127);
   double worst = 0;
   for (int64_t m = 1; m <= 8; ++m) {
-    for (const Case c : {Case{m, 64, 37}, Case{m, 100, 256}, Case{m, 1152, 19}, Case{m, 4130, 8}, Case{m, 13, 5}}) {
+    for (const Case c : {Case{m, 64, 37}, Case{m, 100, 256}, Case{m, 1152, 19}, Case{m, 4130, 8}, Case{m, 13, 5},
+                         Case{m, 33000, 3}}) {
       std::vector<float> x(c.m * c.k), scale(c.n);
       std::vector<typename V::X> x_given(c.m * c.k);
       std::vector<int8_t> codes(c.n * c.k);
@@ -138,9 +140,10 @@ double worst_error_int4(std::mt19937& random) {
   double worst = 0;
   for (int64_t group : {32, 64, 128}) {
     for (int64_t m = 1; m <= 8; ++m) {
-      // K past a whole line of 128 (2240 = 17 lines and 64 more), and K over several chunks of x (4224).
+      // K past a whole line of 128 (2240 = 17 lines and 64 more), and K over several chunks of x: 4224 for the
+      // chunks of L1's size, 33024 for those of kL2XBytes (two at one row of x, nine at eight).
       for (const Case c : {Case{m, 128, 37}, Case{m, 384, 9}, Case{m, 1152, 19}, Case{m, 2048, 3}, Case{m, 2240, 5},
-                           Case{m, 4224, 3}}) {
+                           Case{m, 4224, 3}, Case{m, 33024, 3}}) {
         if (c.k % group != 0) continue;
         const int64_t groups = c.k / group;
         std::vector<float> x(c.m * c.k), scale(c.n * groups), zero(c.n * groups), sums(c.m * groups, 0.0f);
