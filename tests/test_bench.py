@@ -47,6 +47,12 @@ def test_report_has_the_documented_fields(tiny_report):
         assert decode["bound"] == pytest.approx(decode["batch"] / fastest_step)
         assert decode["ours_fraction_of_bound"] == pytest.approx(decode["ours"] / decode["bound"])
     assert set(report["limits"]["matmul"]["all_gflop_per_s"]) == {"bf16", "fp32"}
+    # the matrix throughput too: measured as often, every arithmetic bound (vision, prefill) from the best of them
+    throughputs = [sample["gflop_per_s"] for sample in report["limits"]["matmul_samples"]]
+    assert len(throughputs) == len(samples) and report["limits"]["matmul"]["gflop_per_s"] == max(throughputs)
+    for row in (r for r in report["results"] if r["metric"] in ("vision_s", "prefill_s")):
+        assert row["bound"] == pytest.approx(row["flops"] / (max(throughputs) * 1e9))
+        assert row["ours_fraction_of_bound"] == pytest.approx(row["bound"] / row["ours"])
     rows = report["results"]
     assert {row["metric"] for row in rows} == METRICS
     for row in rows:

@@ -145,26 +145,31 @@ def run(preset: str = "3b-224", dtypes: tuple[str, ...] = ("bf16", "fp32"), batc
     }
     start_all = time.perf_counter()
     report["machine"]["streaming_kernel"] = kernel_status()  # compiles it on first use: before any timing
+    # fp32 always: bf16 weights are multiplied in fp32 where that is faster (widened products), so the machine's
+    # arithmetic limit for them is the faster of the two (on AVX2, PyTorch's bf16 is emulated)
+    matmul_dtypes = list(dict.fromkeys([*(DTYPES[d] for d in dtypes), torch.float32]))
     if limits:
         log("measuring the machine: memory bandwidth, matrix-multiply throughput")
         report["limits"] = {
             "bandwidth": measure_bandwidth(device, bandwidth_bytes),
-            # fp32 always: bf16 weights are multiplied in fp32 where that is faster (widened products), so the
-            # machine's arithmetic limit for them is the faster of the two (on AVX2, PyTorch's bf16 is emulated)
-            "matmul": measure_matmul(device, list(dict.fromkeys([*(DTYPES[d] for d in dtypes), torch.float32]))),
+            "matmul": measure_matmul(device, matmul_dtypes),
         }
-        first_bandwidth = report["limits"]["bandwidth"]["gb_per_s"]
-        report["limits"]["bandwidth_samples"] = [{"when": "start", "gb_per_s": first_bandwidth}]
+        report["limits"]["bandwidth_samples"] = [{"when": "start",
+                                                  "gb_per_s": report["limits"]["bandwidth"]["gb_per_s"]}]
+        report["limits"]["matmul_samples"] = [{"when": "start",
+                                               "gflop_per_s": report["limits"]["matmul"]["gflop_per_s"]}]
 
-    def remeasure_bandwidth(when: str) -> None:
-        """Memory bandwidth again, right after a group of runs: on a machine whose memory is shared it moves, and
-        the decode bound is the best measurement of the whole run (so no slow moment can flatter the ratio)."""
+    def remeasure_limits(when: str) -> None:
+        """Memory bandwidth and matrix throughput again, right after a group of runs: on a shared machine both move,
+        and every bound is from the best measurement of the whole run (so no slow moment can flatter a ratio)."""
         if not limits:
             return
-        again = measure_bandwidth(device, bandwidth_bytes)
-        report["limits"]["bandwidth_samples"].append({"when": when, "gb_per_s": again["gb_per_s"]})
-        if again["gb_per_s"] > report["limits"]["bandwidth"]["gb_per_s"]:
-            report["limits"]["bandwidth"] = again
+        for name, key, measure in (("bandwidth", "gb_per_s", lambda: measure_bandwidth(device, bandwidth_bytes)),
+                                   ("matmul", "gflop_per_s", lambda: measure_matmul(device, matmul_dtypes))):
+            again = measure()
+            report["limits"][f"{name}_samples"].append({"when": when, key: again[key]})
+            if again[key] > report["limits"][name][key]:
+                report["limits"][name] = again
     results, ablation_rows = report["results"], report["ablation"]
 
     def record_variants(dtype_name: str, batch: int | None, metric: str, samples: dict[str, list[float]],
@@ -214,7 +219,6 @@ def run(preset: str = "3b-224", dtypes: tuple[str, ...] = ("bf16", "fp32"), batc
                 param.detach().reshape(-1)[:: max(1, 4096 // param.element_size())].float().sum()  # [numel]
             weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
             report["model"][f"weight_bytes_{dtype_name}"] = weight_bytes
-            matmul = report.get("limits", {}).get("matmul", {}).get("gflop_per_s")
             for batch in batches:
                 inputs = make_inputs(config, batch, device)
                 names = list(IMPLEMENTATIONS)
@@ -240,16 +244,17 @@ def run(preset: str = "3b-224", dtypes: tuple[str, ...] = ("bf16", "fp32"), batc
                         log(f"{dtype_name} batch {batch}: generating {new_tokens} tokens with {name}")
                         runs[name].append(time_generation(name, model, reference, inputs, new_tokens, device,
                                                           decode_cache))
-                remeasure_bandwidth(f"after {dtype_name} batch {batch}")
+                remeasure_limits(f"after {dtype_name} batch {batch}")
                 length = report["prompt_tokens"]
-                compute = lambda flops: flops / (matmul * 1e9) if matmul else None  # noqa: E731
                 main = lambda samples: {k: samples[k] for k in IMPLEMENTATIONS}  # noqa: E731
                 prefill = {k: [r["prefill_s"] for r in v] for k, v in runs.items()}
                 decode = {k: [r["decode_tokens_per_s"] for r in v] for k, v in runs.items()}
                 add_row(results, dtype_name, batch, "vision_s", "s", False, main(vision),
-                        bound=compute(vision_flops(config, batch)), bound_note="FLOPs / matmul throughput")
+                        bound_note="FLOPs / matmul throughput")  # bound: after all runs, as decoding's
+                results[-1]["flops"] = vision_flops(config, batch)
                 add_row(results, dtype_name, batch, "prefill_s", "s", False, main(prefill),
-                        bound=compute(prefill_flops(config, batch, length)), bound_note="FLOPs / matmul throughput")
+                        bound_note="FLOPs / matmul throughput")
+                results[-1]["flops"] = prefill_flops(config, batch, length)
                 step = decode_step(config, batch, length + new_tokens // 2, dtype)
                 add_row(results, dtype_name, batch, "decode_tokens_per_s", "tokens/s", True, main(decode),
                         bound_note="bytes read per step / bandwidth (or FLOPs / throughput)")  # bound: after all runs
@@ -281,9 +286,11 @@ def run(preset: str = "3b-224", dtypes: tuple[str, ...] = ("bf16", "fp32"), batc
                     }
             del model, reference
             gc.collect()
-    if limits:  # every decode bound from the best bandwidth of the whole run (remeasured after each group)
+    if limits:  # every bound from the best bandwidth and throughput of the whole run (remeasured after each group)
         best, throughput = report["limits"]["bandwidth"]["gb_per_s"], report["limits"]["matmul"]["gflop_per_s"]
         for row in results:
+            if "flops" in row:  # vision and prefill: bound by arithmetic
+                set_bound(row, row["flops"] / (throughput * 1e9))
             if row["metric"] == "decode_tokens_per_s":
                 step = {"bytes": row["bytes_per_step"], "flops": row["flops_per_step"]}
                 set_bound(row, decode_rate_bound(row["batch"], step, best, throughput))

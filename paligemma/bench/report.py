@@ -83,9 +83,12 @@ def format_table(report: dict[str, Any]) -> str:
         samples = limits.get("bandwidth_samples", [])
         spread = f", best of {len(samples)} measurements through the run: " + ", ".join(
             f"{sample['gb_per_s']:.1f}" for sample in samples) if len(samples) > 1 else ""
+        matmuls = limits.get("matmul_samples", [])
+        matmul_spread = f" ({mm['dtype']}, best of {len(matmuls)}: " + ", ".join(
+            f"{sample['gflop_per_s']:.0f}" for sample in matmuls) + ")" if len(matmuls) > 1 else ""
         lines.append(
             f"limits: memory read bandwidth {bw['gb_per_s']:.1f} GB/s ({bw['kernel']}{spread}); matmul "
-            + ", ".join(f"{k} {v:.0f}" for k, v in mm["all_gflop_per_s"].items()) + " GFLOP/s"
+            + ", ".join(f"{k} {v:.0f}" for k, v in mm["all_gflop_per_s"].items()) + f" GFLOP/s{matmul_spread}"
         )
     header = (f"{'dtype':5} {'batch':>5}  {'measure':38} {'ours':>9} {'transf.':>9} {'ratio':>7} {'bound':>9} "
               f"{'ours/bd':>8} {'tf/bd':>7}")
