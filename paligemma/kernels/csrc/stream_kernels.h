@@ -69,7 +69,7 @@ using AlignedVector = std::vector<T, CacheLineAllocator<T>>;
 
 constexpr int64_t kL1Bytes = 32 * 1024;   // the part of x that one pass over the weight rows keeps hot, by default
 constexpr int64_t kL2XBytes = 128 * 1024;  // the same for variants that read x from L2 (see x_chunk_bytes)
-constexpr int64_t kAheadBytes = 512;      // ask for each weight row this far ahead of where it is read (measured best)
+constexpr int64_t kAheadBytes = 512;       // ask for each weight row this far ahead of where it is read (measured best)
 
 inline float bf16_to_float(uint16_t value) {
   const uint32_t bits = uint32_t(value) << 16;  // a bf16 number is the top 16 bits of an fp32 one
