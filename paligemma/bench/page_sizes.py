@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from ..kernels.huge_pages import huge_pages_unavailable, in_an_arena, mapping_holding, mappings
+from ..kernels.huge_pages import Mapping, huge_pages_unavailable, in_an_arena, mapping_holding, mappings
 from ..models.config import PaliGemmaConfig
 from .command import progress, save_report
 from .harness import scratch_checkpoint
@@ -37,14 +37,14 @@ def _weight_bytes(model: torch.nn.Module) -> tuple[int, int]:
     tensors = {t.data_ptr(): t for t in model.state_dict().values()}  # a tied weight once
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     every = mappings()
-    held: dict[tuple[int, int, int, str], int] = {}  # the model's own mappings -> the bytes of its tensors in each
+    held: dict[Mapping, int] = {}  # the model's own mappings -> the bytes of its tensors in each
     for t in tensors.values():
         mapping = mapping_holding(t, every)
         # its own: an arena made for weights, or the checkpoint's file mapped (not the allocator's memory)
-        if mapping is not None and (in_an_arena(t) or mapping[3].endswith(".safetensors")):
+        if mapping is not None and (in_an_arena(t) or mapping.path.endswith(".safetensors")):
             held[mapping] = held.get(mapping, 0) + t.numel() * t.element_size()
     # a mapping's huge pages, but no more than the model's bytes in it (a mapped file may hold other tensors too)
-    return total, sum(min(mapping[2], nbytes) for mapping, nbytes in held.items())
+    return total, sum(min(mapping.huge_bytes, nbytes) for mapping, nbytes in held.items())
 
 
 def run(preset: str = "3b-224", formats: tuple[str, ...] = ("bf16", "int8"), batches: tuple[int, ...] = (1, 8),

@@ -42,6 +42,7 @@ import math
 import mmap
 import weakref
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -109,40 +110,46 @@ class HugePageArena:
         return flat.view(shape)
 
 
-def mappings() -> list[tuple[int, int, int, str]]:
-    """(first address, end, bytes in huge pages now, file) of every mapping of this process: its `AnonHugePages`
-    (memory of its own, as an arena's) plus its `FilePmdMapped` (a mapped file's page cache in 2 MB pages), and the
-    path of the file it maps ("" for memory of its own), from /proc/self/smaps; [] where that file is missing (not
-    Linux)."""
+class Mapping(NamedTuple):
+    """One mapping of this process, as /proc/self/smaps describes it."""
+
+    low: int  # first address
+    high: int  # end address
+    huge_bytes: int  # bytes in huge pages now: `AnonHugePages` plus `FilePmdMapped`
+    path: str  # the file it maps; "" for memory of its own
+
+
+def mappings() -> list[Mapping]:
+    """Every mapping of this process, with its bytes in huge pages now: its `AnonHugePages` (memory of its own, as an
+    arena's) plus its `FilePmdMapped` (a mapped file's page cache in 2 MB pages), from /proc/self/smaps; [] where that
+    file is missing (not Linux)."""
     try:
         text = Path("/proc/self/smaps").read_text()
     except OSError:
         return []
-    found: list[tuple[int, int, int, str]] = []
+    found: list[Mapping] = []
     for line in text.splitlines():
         first = line.split(" ", 1)[0]
         if "-" in first and ":" not in first:  # a mapping's header: "low-high perms offset device inode [path]"
             fields = line.split(None, 5)
             low, high = (int(part, 16) for part in first.split("-"))
-            found.append((low, high, 0, fields[5] if len(fields) > 5 else ""))
+            found.append(Mapping(low, high, 0, fields[5] if len(fields) > 5 else ""))
         elif found and line.startswith(("AnonHugePages:", "FilePmdMapped:")):
-            low, high, huge, path = found[-1]
-            found[-1] = (low, high, huge + int(line.split()[1]) * 1024, path)
+            found[-1] = found[-1]._replace(huge_bytes=found[-1].huge_bytes + int(line.split()[1]) * 1024)
     return found
 
 
-def mapping_holding(tensor: torch.Tensor, among: list[tuple[int, int, int, str]] | None = None
-                    ) -> tuple[int, int, int, str] | None:
+def mapping_holding(tensor: torch.Tensor, among: list[Mapping] | None = None) -> Mapping | None:
     """The entry of `mappings()` (or of `among`, read once for many tensors) that holds the tensor's memory."""
     address = tensor.untyped_storage().data_ptr()
-    return next((m for m in (mappings() if among is None else among) if m[0] <= address < m[1]), None)
+    return next((m for m in (mappings() if among is None else among) if m.low <= address < m.high), None)
 
 
 def huge_page_bytes(tensor: torch.Tensor) -> int:
     """How many bytes of the mapping that holds `tensor` are in huge pages now, anonymous or a mapped file's; 0 where
     that cannot be read (not Linux)."""
     mapping = mapping_holding(tensor)
-    return 0 if mapping is None else mapping[2]
+    return 0 if mapping is None else mapping.huge_bytes
 
 
 def worth_huge_pages(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, min_bytes: int | None = None) -> bool:
